@@ -1,0 +1,52 @@
+"""The ``diverify`` command line: parse, call, print.
+
+Each subcommand lives in ``diverify/commands/<name>.py`` and exports
+``register(subparsers)`` (adds its parser and sets ``func``). Heavy imports
+(jax, the models) happen inside the handlers so that ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from diverify.errors import DiverifyError
+
+#: Subcommand modules under ``diverify.commands``, in the order ``--help`` lists them.
+COMMANDS = ("embed",)
+
+DESCRIPTION = """\
+diverify: certify that a generative model's text encoder or denoiser cannot be
+steered into a forbidden region by a trigger. Every number it prints is either
+a sound bound (a certificate) or an explicitly labelled empirical estimate.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diverify",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"diverify.commands.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except DiverifyError as err:
+        print(f"diverify {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

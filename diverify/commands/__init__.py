@@ -1,0 +1,1 @@
+"""One module per ``diverify`` subcommand; see :mod:`diverify.cli`."""
