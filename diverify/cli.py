@@ -1,20 +1,32 @@
 """The ``diverify`` command line: parse, call, print.
 
 Each subcommand lives in ``diverify/commands/<name>.py`` and exports
-``register(subparsers)`` (adds its parser and sets ``func``). Heavy imports
-(jax, the models) happen inside the handlers so that ``--help`` stays fast.
+``register(subparsers)`` (adds its parser and sets ``func``); every module in
+that package is a subcommand. Heavy imports (jax, the models) happen inside
+the handlers so that ``--help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
+
+import diverify.commands
 
 from diverify.errors import DiverifyError
 
-#: Subcommand modules under ``diverify.commands``, in the order ``--help`` lists them.
-COMMANDS = ("embed",)
+#: The order in which ``--help`` lists the subcommands; any other module follows.
+ORDER = ("certify", "radius", "bounds", "embed", "lipschitz", "cws", "certify-edit",
+         "audit", "dna", "dis", "train-denoiser")
+
+
+def command_modules() -> list[str]:
+    """Names of the modules in :mod:`diverify.commands`, in ``--help`` order."""
+    names = [m.name for m in pkgutil.iter_modules(diverify.commands.__path__)]
+    rank = {name.replace("-", "_"): i for i, name in enumerate(ORDER)}
+    return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
 
 DESCRIPTION = """\
 diverify: certify that a generative model's text encoder or denoiser cannot be
@@ -30,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    for name in command_modules():
         importlib.import_module(f"diverify.commands.{name}").register(subparsers)
     return parser
 
