@@ -1,0 +1,293 @@
+"""The public face of the bound engine: ``ibp``, ``crown``, ``bound``, ``compile_bounds``.
+
+A call traces ``fn`` once into a :class:`~diverify.bounds.graph.Graph`,
+checks that every operation is supported (the error names the primitive and
+the user's line), and runs a jit-compiled pure function of the input sets.
+Arguments of ``fn`` that are input sets (:class:`~diverify.specs.Box`,
+:class:`~diverify.specs.LpBall`, :class:`~diverify.specs.Substitution`, or an
+:class:`~diverify.bounds.interval.IntervalBound`) are perturbed; plain arrays
+are constants.
+
+Methods (auto_LiRPA's names are accepted, any case):
+
+=============  =====================================  ======================
+method         final bound                            intermediate bounds
+=============  =====================================  ======================
+``ibp``        interval propagation                   IBP
+``forward``    forward linear (symbolic intervals)    forward linear
+``crown-ibp``  backward linear (CROWN)                IBP
+``crown-forward`` backward linear (CROWN)             forward linear
+``crown``      backward linear (CROWN)                CROWN, node by node
+``alpha-crown``CROWN with optimised relaxation slopes CROWN
+=============  =====================================  ======================
+
+Every linear bound is intersected with the IBP interval of the same value
+(both are sound). A bound that comes out NaN or infinite, or a relaxation
+used outside its domain (``rsqrt`` of an interval reaching 0, ...), is a
+:class:`~diverify.errors.DiverifyError`, never a certificate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from diverify.bounds import backward, ops
+from diverify.bounds.graph import Const, Graph, trace
+from diverify.bounds.interval import IntervalBound
+from diverify.errors import DiverifyError
+from diverify.specs import Box
+
+_METHOD_ALIASES = {
+    "ibp": "ibp",
+    "interval": "ibp",
+    "crown-ibp": "crown-ibp",
+    "crownibp": "crown-ibp",
+    "crown": "crown",
+    "backward": "crown",
+    "alpha-crown": "alpha-crown",
+    "alphacrown": "alpha-crown",
+    "α-crown": "alpha-crown",
+    "crown-optimized": "alpha-crown",
+    "forward": "forward",
+    "forward-crown": "forward",
+    "crown-forward": "crown-forward",
+}
+METHODS = ("ibp", "forward", "crown-ibp", "crown-forward", "crown", "alpha-crown")
+#: Which method supplies the intermediate bounds of each method.
+INTERMEDIATE = {
+    "ibp": "ibp",
+    "forward": "forward",
+    "crown-ibp": "ibp",
+    "crown-forward": "forward",
+    "crown": "crown",
+    "alpha-crown": "crown",
+}
+
+
+def canonical_method(method: str) -> str:
+    key = method.strip().lower().replace("_", "-")
+    if key not in _METHOD_ALIASES:
+        raise DiverifyError(f"unknown bound method '{method}': choose one of {', '.join(METHODS)}")
+    return _METHOD_ALIASES[key]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BoundResult:
+    """Bounds on a function's outputs over an input set.
+
+    ``output`` mirrors the function's output pytree with an
+    :class:`IntervalBound` per array (or, with a ``spec`` matrix ``C``, one
+    :class:`IntervalBound` of shape ``(m,)`` bounding ``C @ f(x)``);
+    ``intermediates`` maps ``"<node index>:<op name>"`` to the interval of
+    that node's output; ``node_ok[k]`` is False when node ``k``'s relaxation
+    was used outside its domain (the checked entry points raise instead).
+    """
+
+    output: Any
+    intermediates: dict
+    node_ok: jax.Array
+    method: str = dataclasses.field(metadata=dict(static=True))
+    intermediate_method: str = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def domain_ok(self) -> jax.Array:
+        return jnp.all(self.node_ok)
+
+
+def _as_input_set(arg):
+    if isinstance(arg, IntervalBound):
+        return Box(arg.lower, arg.upper)
+    if hasattr(arg, "minimize_linear") and hasattr(arg, "interval"):
+        return arg
+    return None
+
+
+def _spec_rows(spec, out_shape):
+    c = jnp.asarray(spec, jnp.float32)
+    size = int(np.prod(out_shape)) if out_shape else 1
+    if c.ndim == 1:
+        c = c[None]
+    if c.ndim == 2 and c.shape[1] == size:
+        return c.reshape((c.shape[0],) + tuple(out_shape))
+    if tuple(c.shape[1:]) == tuple(out_shape):
+        return c
+    raise DiverifyError(f"spec of shape {tuple(np.shape(spec))} does not match the output of shape {tuple(out_shape)}")
+
+
+def _final_rows(graph: Graph, out, a0, env, sets, alphas=None):
+    return backward.backward_lower(graph, out, a0, env, sets, alphas=alphas)
+
+
+def _alpha_shapes(graph: Graph):
+    shapes = {}
+    for idx, node in enumerate(graph.nodes):
+        k = ops.kind(node)
+        if k == "unary":
+            shapes[idx] = tuple(node.in_avals[0].shape)
+        elif k == "product":
+            shapes[idx] = tuple(node.out_avals[0].shape)
+        elif k == "dot":
+            ex, _, _ = backward._dot_expanders(node)
+            shapes[idx] = tuple(jax.eval_shape(ex, jax.ShapeDtypeStruct(node.in_avals[0].shape, jnp.float32)).shape)
+    return shapes
+
+
+def _optimise_alphas(graph, out, a0, env, sets, steps: int, lr: float):
+    """alpha-CROWN (Xu et al. 2021): maximise the sum of the lower bounds over
+    the relaxations' free parameters with Adam, projected onto [0, 1]. Every
+    alpha gives a sound bound, so the best value seen is returned."""
+    shapes = _alpha_shapes(graph)
+    params = {i: (jnp.full(s, 0.5), jnp.full(s, 0.5)) for i, s in shapes.items()}
+    opt = optax.adam(lr)
+
+    def objective(p):
+        low = _final_rows(graph, out, a0, env, sets, alphas=p)
+        return -jnp.sum(low), low
+
+    def step(carry, _):
+        p, state, best = carry
+        (_, low), grads = jax.value_and_grad(objective, has_aux=True)(p)
+        updates, state = opt.update(grads, state, p)
+        p = jax.tree_util.tree_map(lambda a: jnp.clip(a, 0.0, 1.0), optax.apply_updates(p, updates))
+        return (p, state, jnp.maximum(best, low)), None
+
+    best0 = _final_rows(graph, out, a0, env, sets)
+    (p, _, best), _ = jax.lax.scan(step, (params, opt.init(params), best0), None, length=steps)
+    return jnp.maximum(best, objective(p)[1])
+
+
+def _run(graph: Graph, method: str, spec, alpha_steps: int, alpha_lr: float, sets):
+    env, flags = backward.intermediate_bounds(graph, sets, INTERMEDIATE[method])
+    outputs = []
+    for o in graph.outputs:
+        if isinstance(o, Const):
+            v = jnp.asarray(o.value)
+            outputs.append(IntervalBound(v, v) if spec is None else None)
+            continue
+        lo, hi = env[o]
+        shape = tuple(graph.avals[o].shape)
+        if method in ("ibp", "forward") and spec is None:
+            outputs.append(IntervalBound(lo, hi))
+            continue
+        if spec is None:
+            n = int(np.prod(shape)) if shape else 1
+            eye = jnp.eye(n, dtype=jnp.float32).reshape((n,) + shape)
+            rows = jnp.concatenate([eye, -eye])
+        else:
+            c = _spec_rows(spec, shape)
+            rows = jnp.concatenate([c, -c])
+            n = c.shape[0]
+            # IBP of C @ f for the intersection: centre/radius through C.
+            cen, rad = (lo + hi) / 2, (hi - lo) / 2
+            axes = tuple(range(1, c.ndim))
+            ic = jnp.sum(c * cen[None], axis=axes)
+            ir = jnp.sum(jnp.abs(c) * rad[None], axis=axes)
+            lo, hi, shape = ic - ir, ic + ir, (n,)
+        if method in ("ibp", "forward"):
+            outputs.append(IntervalBound(lo, hi))
+            continue
+        if method == "alpha-crown":
+            low = _optimise_alphas(graph, o, rows, env, sets, alpha_steps, alpha_lr)
+        else:
+            low = _final_rows(graph, o, rows, env, sets)
+        lower = jnp.maximum(low[:n].reshape(shape), lo)
+        upper = jnp.minimum(-low[n:].reshape(shape), hi)
+        outputs.append(IntervalBound(lower, upper))
+    intermediates = {}
+    for idx, node in enumerate(graph.nodes):
+        for vid in node.outputs:
+            intermediates[f"{idx}:{node.name}"] = IntervalBound(*env[vid])
+    node_ok = jnp.stack([jnp.asarray(f) for f in flags]) if flags else jnp.ones((0,), bool)
+    return outputs, intermediates, node_ok
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundFunction:
+    """``fn`` traced and compiled for one method; call it with input sets.
+
+    ``__call__`` checks the result (domain, finiteness) and raises a
+    :class:`DiverifyError`; :meth:`unchecked` is the pure function to use
+    under ``jax.vmap`` / ``jax.jit`` / sharding, whose result carries the
+    ``domain_ok`` flag instead.
+    """
+
+    graph: Graph
+    method: str
+    perturbed: tuple
+    constants: tuple
+    spec: Any = None
+    alpha_steps: int = 20
+    alpha_lr: float = 0.1
+
+    @functools.cached_property
+    def _compiled(self):
+        return jax.jit(self.unchecked)
+
+    def unchecked(self, *sets) -> BoundResult:
+        outputs, intermediates, node_ok = _run(self.graph, self.method, self.spec, self.alpha_steps, self.alpha_lr, list(sets))
+        inter = INTERMEDIATE[self.method]
+        output = outputs[0] if self.spec is not None else jax.tree_util.tree_unflatten(self.graph.out_tree, outputs)
+        return BoundResult(output=output, intermediates=intermediates, node_ok=node_ok, method=self.method, intermediate_method=inter)
+
+    def __call__(self, *sets) -> BoundResult:
+        result = self._compiled(*sets)
+        for node, ok in zip(self.graph.nodes, np.asarray(result.node_ok)):
+            if not ok:
+                where = f" (from {node.source})" if node.source else ""
+                raise DiverifyError(
+                    f"cannot bound '{node.name}'{where}: its input interval leaves the function's domain "
+                    "(e.g. a variance bound reaching 0); the perturbation is too large for this method"
+                )
+        for leaf in jax.tree_util.tree_leaves(result.output):
+            if not bool(jnp.all(jnp.isfinite(leaf))):
+                raise DiverifyError(
+                    f"the {self.method} bound is not finite (NaN or Inf): the perturbation is too large for this "
+                    "model and method; try a smaller eps or a tighter method"
+                )
+        return result
+
+
+def compile_bounds(fn: Callable, *args, method: str = "crown", spec=None, alpha_steps: int = 20, alpha_lr: float = 0.1):
+    """Trace ``fn(*args)`` and return a :class:`BoundFunction` for ``method``.
+
+    ``args``: input sets (perturbed) or arrays (constants). The returned
+    function takes the input sets (same positions, same shapes) only.
+    """
+    method = canonical_method(method)
+    sets = [_as_input_set(a) for a in args]
+    perturbed = tuple(s is not None for s in sets)
+    if not any(perturbed):
+        raise DiverifyError("nothing to bound: pass at least one input set (Box, LpBall, Substitution, IntervalBound)")
+    examples = [s.center if s is not None else a for s, a in zip(sets, args)]
+    for i, (s, e) in enumerate(zip(sets, examples)):
+        if s is not None and not jnp.issubdtype(jnp.asarray(e).dtype, jnp.floating):
+            raise DiverifyError(f"argument {i} is an input set of non-float dtype {jnp.asarray(e).dtype}")
+    graph = trace(fn, examples, perturbed)
+    ops.check_supported(graph.nodes)
+    if spec is not None and len(graph.outputs) != 1:
+        raise DiverifyError("a spec matrix needs a function with a single array output")
+    return BoundFunction(graph, method, perturbed, tuple(a for a, p in zip(args, perturbed) if not p), spec, alpha_steps, alpha_lr)
+
+
+def bound(fn: Callable, *args, method: str = "crown", spec=None, alpha_steps: int = 20, alpha_lr: float = 0.1) -> BoundResult:
+    """Bounds of ``fn`` over the input sets among ``args`` with ``method``."""
+    bf = compile_bounds(fn, *args, method=method, spec=spec, alpha_steps=alpha_steps, alpha_lr=alpha_lr)
+    return bf(*[_as_input_set(a) for a in args if _as_input_set(a) is not None])
+
+
+def ibp(fn: Callable, *args):
+    """Interval bound propagation: the output pytree with an :class:`IntervalBound` per array."""
+    return bound(fn, *args, method="ibp").output
+
+
+def crown(fn: Callable, *args, spec=None, method: str = "crown"):
+    """Backward linear bounds (CROWN) of ``fn`` (or of ``spec @ fn`` when ``spec`` is given)."""
+    return bound(fn, *args, method=method, spec=spec).output

@@ -1,0 +1,103 @@
+"""Interval bound propagation (IBP) over a :class:`~diverify.bounds.graph.Graph`.
+
+Every value ``v`` gets an elementwise interval ``[l_v, u_v]`` with
+``l_v <= v(x) <= u_v`` for every ``x`` in the input set:
+
+* affine nodes map the centre exactly and the radius through ``|L|``
+  (:func:`diverify.bounds.ops.linear_radius`);
+* unary nodes use the tight image of :mod:`diverify.bounds.relaxations`;
+* products of two perturbed values use the four-corner product interval;
+  ``dot_general`` of two perturbed operands uses the centre/radius form
+  ``|x y - c_x c_y| <= |c_x| r_y + r_x |c_y| + r_x r_y`` summed over the
+  contraction.
+
+Sound in exact arithmetic; float32 rounding of each step is of the order of
+1e-7 relative and is checked by the sampling tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from diverify.bounds import elementwise, relaxations
+from diverify.bounds.graph import Const, Graph, Node
+from diverify.bounds.ops import kind, linear_radius
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class IntervalBound:
+    """Elementwise bounds ``lower <= value <= upper`` (a pytree)."""
+
+    lower: jax.Array
+    upper: jax.Array
+
+    @property
+    def shape(self):
+        return self.lower.shape
+
+    @property
+    def width(self) -> jax.Array:
+        return self.upper - self.lower
+
+    @property
+    def center(self) -> jax.Array:
+        return (self.lower + self.upper) / 2
+
+
+def _center_radius(iv):
+    l, u = iv
+    return (l + u) / 2, (u - l) / 2
+
+
+def dot_general_interval(node: Node, x, y):
+    """Interval of ``dot_general(x, y)`` for two interval operands."""
+    (cx, rx), (cy, ry) = _center_radius(x), _center_radius(y)
+    dot = lambda a, b: node.evaluate(a, b)[0]  # noqa: E731
+    c = dot(cx, cy)
+    r = dot(jnp.abs(cx), ry) + dot(rx, jnp.abs(cy)) + dot(rx, ry)
+    return c - r, c + r
+
+
+def node_interval(node: Node, ins: list):
+    """Output intervals of ``node`` given its inputs (intervals for perturbed
+    inputs, :class:`Const` for the others). Returns (list of intervals, domain-ok flag)."""
+    k = kind(node)
+    ok = jnp.array(True)
+    if k == "linear":
+        bounded = [ins[i] for i in node.bounded_inputs]
+        args = [v.value if isinstance(v, Const) else _center_radius(v)[0] for v in ins]
+        centers = node.evaluate(*args)
+        radii = linear_radius(node, [_center_radius(b)[1] for b in bounded])
+        return [(c - r, c + r) for c, r in zip(centers, radii)], ok
+    if k == "unary":
+        (l, u) = ins[0]
+        ok = jnp.all(elementwise.domain_ok(node, l, u))
+        return [elementwise.interval_image(node, l, u)], ok
+    if k == "product":
+        (lx, ux), (ly, uy) = ins
+        return [relaxations.bilinear_interval(lx, ux, ly, uy)], ok
+    return [dot_general_interval(node, ins[0], ins[1])], ok
+
+
+def propagate(graph: Graph, input_intervals, overrides=None):
+    """Intervals of every value of ``graph`` (dict id -> (l, u)) and per-node domain flags.
+
+    ``overrides`` (id -> (l, u)) replaces a value's interval by a tighter one
+    known from elsewhere (it is intersected with the IBP interval).
+    """
+    env: dict = dict(zip(graph.inputs, input_intervals))
+    flags = []
+    for node in graph.nodes:
+        ins = [v if isinstance(v, Const) else env[v] for v in node.inputs]
+        outs, ok = node_interval(node, ins)
+        flags.append(ok)
+        for vid, iv in zip(node.outputs, outs):
+            if overrides and vid in overrides:
+                lo, hi = overrides[vid]
+                iv = (jnp.maximum(iv[0], lo), jnp.minimum(iv[1], hi))
+            env[vid] = iv
+    return env, flags

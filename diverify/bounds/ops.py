@@ -1,0 +1,146 @@
+"""What kind of operation a graph node is, as the bound methods see it.
+
+Every node of a :class:`~diverify.bounds.graph.Graph` is one of
+
+* ``linear``: affine in its perturbed inputs once the constants are fixed
+  (``add``, ``dot_general`` with one constant operand, ``reshape``, ``gather``
+  with constant indices, ...). Linear methods need no rule for these: JAX's
+  own ``vjp``/``jvp`` of the primitive is the exact backward/forward map;
+* ``unary``: an elementwise nonlinearity relaxed by
+  :mod:`diverify.bounds.elementwise`;
+* ``product``: ``mul`` of two perturbed operands (with broadcasting);
+* ``dot``: ``dot_general`` of two perturbed operands (attention).
+
+Anything else is an :class:`~diverify.errors.UnsupportedPrimitiveError` that
+names the primitive and the user's line it came from.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from diverify.bounds.elementwise import is_unary
+from diverify.bounds.graph import Const, Node
+from diverify.errors import UnsupportedPrimitiveError
+
+#: Linear maps whose coefficients are all >= 0 once index operands are fixed.
+STRUCTURAL = frozenset({
+    "add", "add_any", "reduce_sum", "reshape", "broadcast_in_dim", "transpose", "squeeze",
+    "expand_dims", "concatenate", "slice", "dynamic_slice", "dynamic_update_slice", "gather",
+    "pad", "select_n", "convert_element_type", "rev", "cumsum", "scatter-add", "scatter_add",
+    "split", "real", "copy",
+})
+#: Operand positions that are indices or predicates and must be constant.
+INDEX_OPERANDS = {
+    "gather": (1,),
+    "select_n": (0,),
+    "scatter-add": (1,),
+    "scatter_add": (1,),
+}
+#: Bilinear primitives: linear when exactly one operand is perturbed.
+MULTIPLICATIVE = frozenset({"mul", "dot_general", "conv_general_dilated", "div"})
+#: Linear with mixed signs, handled in the structural way by the sign flip below.
+SIGNED = frozenset({"sub", "neg"})
+
+
+def _index_positions(node: Node) -> tuple[int, ...]:
+    if node.name == "dynamic_slice":
+        return tuple(range(1, len(node.inputs)))
+    if node.name == "dynamic_update_slice":
+        return tuple(range(2, len(node.inputs)))
+    return INDEX_OPERANDS.get(node.name, ())
+
+
+def unsupported(node: Node, why: str = "") -> UnsupportedPrimitiveError:
+    where = f" (from {node.source})" if node.source else ""
+    detail = f": {why}" if why else ""
+    return UnsupportedPrimitiveError(f"cannot bound primitive '{node.name}'{where}{detail}")
+
+
+def kind(node: Node) -> str:
+    """``"linear"``, ``"unary"``, ``"product"`` or ``"dot"``; raises for anything else."""
+    bounded = node.bounded_inputs
+    if node.name in MULTIPLICATIVE:
+        if len(bounded) == 1:
+            if node.name == "div" and bounded != (0,):
+                raise unsupported(node, "perturbed denominator (normalisation should have removed it)")
+            return "linear"
+        if node.name == "mul":
+            return "product"
+        if node.name == "dot_general":
+            return "dot"
+        raise unsupported(node, "both operands are perturbed")
+    if node.name in STRUCTURAL or node.name in SIGNED:
+        for i in _index_positions(node):
+            if i in bounded:
+                raise unsupported(node, "its indices/predicate depend on the perturbed input")
+        return "linear"
+    if is_unary(node):
+        return "unary"
+    raise unsupported(node)
+
+
+def check_supported(nodes) -> None:
+    """Raise for the first node no method can bound, before any work is done."""
+    for node in nodes:
+        kind(node)
+
+
+def bounded_function(node: Node):
+    """``f(*perturbed_operands)`` with the node's constants fixed."""
+    positions = node.bounded_inputs
+
+    def f(*xs):
+        args = [v.value if isinstance(v, Const) else None for v in node.inputs]
+        for i, x in zip(positions, xs):
+            args[i] = x
+        return node.evaluate(*args)
+
+    return f
+
+
+def linear_offset(node: Node, dtype=jnp.float32):
+    """``f(0)``: the constant part of an affine node (one array per output)."""
+    zeros = [jnp.zeros(node.in_avals[i].shape, dtype) for i in node.bounded_inputs]
+    return bounded_function(node)(*zeros)
+
+
+def linear_part(node: Node):
+    """The linear part ``x -> f(x) - f(0)`` of an affine node, as a function of
+    its perturbed operands returning a tuple of outputs."""
+    f = bounded_function(node)
+
+    def g(*xs):
+        outs = f(*xs)
+        zero = f(*[jnp.zeros_like(x) for x in xs])
+        return tuple(o - z for o, z in zip(outs, zero))
+
+    return g
+
+
+def linear_radius(node: Node, radii):
+    """Image of the radii ``r_i >= 0`` under ``|L|`` (the absolute linear map).
+
+    Sound because ``|L x| <= |L| |x|`` elementwise. Multiplicative nodes take
+    ``|c|`` for their constant operand; structural nodes have coefficients
+    ``>= 0`` (zeros stand for the constant operands); ``sub``/``neg`` flip a
+    sign, which ``|L|`` undoes.
+    """
+    positions = node.bounded_inputs
+    out_shape = node.out_avals[0].shape
+    if node.name == "neg":
+        return (radii[0],)
+    if node.name == "sub":
+        return (sum(jnp.broadcast_to(r, out_shape) for r in radii),)
+    args = []
+    for i, v in enumerate(node.inputs):
+        if i in positions:
+            args.append(radii[positions.index(i)])
+        elif node.name in MULTIPLICATIVE:
+            args.append(jnp.abs(jnp.asarray(v.value)))
+        elif i in _index_positions(node):
+            args.append(v.value)
+        else:
+            args.append(jnp.zeros_like(jnp.asarray(v.value)))
+    return node.evaluate(*args)

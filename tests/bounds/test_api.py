@@ -1,0 +1,103 @@
+"""The public API: method names, jit/vmap, sharding, errors, the jax_verify aliases."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import diverify.jax_verify as jax_verify
+from diverify.bounds import BoundResult, bound, canonical_method, compile_bounds
+from diverify.errors import DiverifyError
+from diverify.specs import lp_ball, substitution
+from tests.bounds.sampling import check_sound
+
+W = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
+
+
+def mlp(x):
+    return jnp.tanh(x @ W) @ W.T
+
+
+@pytest.mark.parametrize("name, expected", [("IBP", "ibp"), ("CROWN", "crown"), ("CROWN-IBP", "crown-ibp"),
+                                            ("alpha-CROWN", "alpha-crown"), ("forward", "forward")])
+def test_auto_lirpa_method_names(name, expected):
+    assert canonical_method(name) == expected
+
+
+def test_unknown_method_and_bad_eps_are_clear_errors():
+    with pytest.raises(DiverifyError, match="unknown bound method"):
+        canonical_method("beta-crown-plus")
+    with pytest.raises(DiverifyError, match="eps must be >= 0"):
+        lp_ball(jnp.zeros(3), -0.1)
+    with pytest.raises(DiverifyError, match="nothing to bound"):
+        bound(mlp, jnp.zeros(4))
+    with pytest.raises(DiverifyError, match="empty substitution"):
+        substitution(jnp.zeros((3, 2)), [1], [np.zeros((0, 2))])
+
+
+def test_result_is_a_pytree_and_vmaps_over_problems():
+    x0 = jax.random.normal(jax.random.PRNGKey(1), (4,))
+    bf = compile_bounds(mlp, lp_ball(x0, 0.1), method="crown")
+    centers = jax.random.normal(jax.random.PRNGKey(2), (5, 4))
+    batched = jax.jit(jax.vmap(lambda c: bf.unchecked(lp_ball(c, 0.1))))(centers)
+    assert isinstance(batched, BoundResult) and batched.output.lower.shape == (5, 4)
+    for i in range(5):
+        single = bf(lp_ball(centers[i], 0.1)).output
+        np.testing.assert_allclose(batched.output.lower[i], single.lower, rtol=1e-5, atol=1e-6)
+
+
+def test_jax_verify_aliases_match_diverify():
+    x0 = jax.random.normal(jax.random.PRNGKey(1), (4,))
+    ib = jax_verify.IntervalBound(x0 - 0.1, x0 + 0.1)
+    for alias, method in [(jax_verify.interval_bound_propagation, "ibp"),
+                          (jax_verify.backward_crown_bound_propagation, "crown"),
+                          (jax_verify.forward_crown_bound_propagation, "forward"),
+                          (jax_verify.crownibp_bound_propagation, "crown-ibp")]:
+        out = alias(mlp, ib)
+        ref = bound(mlp, lp_ball(x0, 0.1), method=method).output
+        np.testing.assert_allclose(out.lower, ref.lower, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out.upper, ref.upper, rtol=1e-5, atol=1e-6)
+
+
+def test_substitution_set_is_sound():
+    base = jax.random.normal(jax.random.PRNGKey(3), (3, 4))
+    cands = [np.asarray(jax.random.normal(jax.random.PRNGKey(4), (3, 4)))]
+    s = substitution(base, [1], cands)
+    fn = lambda x: jnp.tanh(x @ W).sum(0)  # noqa: E731
+    out = bound(fn, s, method="crown").output
+    for c in cands[0]:  # every candidate itself lies inside the bound
+        y = fn(base.at[1].set(c))
+        assert np.all(y >= out.lower - 1e-5) and np.all(y <= out.upper + 1e-5)
+    check_sound(fn, s, out, jax.random.PRNGKey(5), n=64, attack_directions=0)
+
+
+def test_sharded_batch_matches_unsharded_on_8_cpu_devices():
+    code = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from diverify.bounds import compile_bounds
+        from diverify.specs import lp_ball
+        assert len(jax.devices()) == 8
+        W = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
+        fn = lambda x: jnp.tanh(x @ W) @ W.T
+        bf = compile_bounds(fn, lp_ball(jnp.zeros(4), 0.1), method="crown")
+        centers = jax.random.normal(jax.random.PRNGKey(2), (16, 4))
+        run = jax.jit(jax.vmap(lambda c: bf.unchecked(lp_ball(c, 0.1)).output))
+        mesh = Mesh(np.array(jax.devices()), ("batch",))
+        sharded = jax.device_put(centers, NamedSharding(mesh, P("batch")))
+        out = run(sharded)
+        assert len(out.lower.sharding.device_set) == 8
+        ref = run(centers)
+        np.testing.assert_allclose(out.lower, ref.lower, rtol=1e-5, atol=1e-6)
+        print("OK")
+        """
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-2000:]

@@ -1,0 +1,68 @@
+"""Tracing, inlining and recognition of high-level ops."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from diverify.bounds import bound
+from diverify.bounds.graph import trace
+from diverify.errors import DiverifyError, UnsupportedPrimitiveError
+from diverify.specs import lp_ball
+
+
+def names(fn, *shapes):
+    g = trace(fn, [jnp.ones(s) for s in shapes], [True] * len(shapes))
+    return [n.name for n in g.nodes]
+
+
+def test_gelu_is_one_node_however_it_is_written():
+    assert names(lambda x: jax.nn.gelu(x, approximate=False), (2, 3)) == ["gelu_erf"]
+    assert names(lambda x: jax.nn.gelu(x, approximate=True), (2, 3)) == ["gelu_tanh"]
+    # A user's own erf GELU, written the textbook way, traces to the same graph.
+    own = lambda x: 0.5 * x * jax.lax.erfc(-x * 0.7071067811865476)  # noqa: E731
+    assert names(own, (4,)) == ["gelu_erf"]
+    assert names(lambda x: x * jax.nn.sigmoid(1.702 * x), (4,)) == ["quick_gelu"]
+    assert names(jax.nn.silu, (4,)) == ["silu"]
+
+
+def test_softmax_becomes_pairwise_form_with_no_max():
+    ops = names(lambda x: jax.nn.softmax(x, axis=-1), (2, 3))
+    assert "reduce_max" not in ops and "exp" in ops and "reciprocal" in ops
+    # hand-written softmax without max subtraction is recognised too
+    own = lambda x: jnp.exp(x) / jnp.sum(jnp.exp(x), axis=1, keepdims=True)  # noqa: E731
+    assert names(own, (2, 3)) == ops
+
+
+def test_softmax_recognition_respects_axes():
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 3))
+    for axis in (0, 1):
+        fn = lambda x, a=axis: jax.nn.softmax(x, axis=a)  # noqa: E731
+        g = trace(fn, [x], [True])
+        assert "reduce_max" not in [n.name for n in g.nodes]
+        r = bound(fn, lp_ball(x, 0.0), method="ibp").output
+        assert jnp.allclose(r.lower, fn(x), atol=1e-5) and jnp.allclose(r.upper, fn(x), atol=1e-5)
+
+
+def test_subjaxprs_are_inlined():
+    @jax.jit
+    def inner(x):
+        return jax.nn.relu(x) * 2.0
+
+    assert names(lambda x: inner(x) + 1.0, (3,)) == ["relu", "mul", "add"]
+
+
+def test_constants_are_folded():
+    w = jnp.ones((3, 3))
+    assert names(lambda x: x @ (w * 2.0 + jnp.eye(3)), (2, 3)) == ["dot_general"]
+
+
+def test_unsupported_primitive_names_it_and_the_user_line():
+    with pytest.raises(UnsupportedPrimitiveError, match=r"'floor'.*test_graph.py"):
+        bound(lambda x: jnp.floor(x), lp_ball(jnp.ones(3), 0.1))
+    with pytest.raises(UnsupportedPrimitiveError, match="sort"):
+        bound(lambda x: jnp.sort(x), lp_ball(jnp.ones(3), 0.1))
+
+
+def test_domain_violation_is_an_error_not_a_bound():
+    with pytest.raises(DiverifyError, match="rsqrt"):
+        bound(lambda x: jax.lax.rsqrt(x), lp_ball(jnp.full(3, 0.5), 1.0), method="ibp")

@@ -1,0 +1,80 @@
+"""Sampling soundness of every supported operation, for every method.
+
+Each case is a small function built around one operation (with random
+weights around it so the relaxation sees mixed signs); the bound of each
+method must contain the function's value at interior points, corners and
+attack points of the input set.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diverify.bounds import bound
+from diverify.specs import lp_ball
+from tests.bounds.sampling import check_sound
+
+METHODS = ["ibp", "forward", "crown-ibp", "crown-forward", "crown", "alpha-crown"]
+
+_k = jax.random.split(jax.random.PRNGKey(42), 8)
+W = jax.random.normal(_k[0], (6, 5)) / 2
+V = jax.random.normal(_k[1], (5, 4)) / 2
+
+
+def _ln(x, eps=1e-5):
+    mu = jnp.mean(x, -1, keepdims=True)
+    xc = x - mu
+    var = jnp.mean(xc * xc, -1, keepdims=True)
+    return xc * jax.lax.rsqrt(var + eps)
+
+
+CASES = {
+    "affine": (lambda x: x @ W + 1.0, 0.0),
+    "relu": (lambda x: jax.nn.relu(x @ W) @ V, 0.0),
+    "tanh": (lambda x: jnp.tanh(x @ W) @ V, 0.0),
+    "sigmoid": (lambda x: jax.nn.sigmoid(x @ W) @ V, 0.0),
+    "exp": (lambda x: jnp.exp(x @ W) @ V, 0.0),
+    "gelu_erf": (lambda x: jax.nn.gelu(x @ W, approximate=False) @ V, 0.0),
+    "gelu_tanh": (lambda x: jax.nn.gelu(x @ W, approximate=True) @ V, 0.0),
+    "softmax": (lambda x: jax.nn.softmax(x @ W, axis=-1) @ V, 0.0),
+    "softmax_axis0": (lambda x: jax.nn.softmax(x @ W, axis=0), 0.0),
+    "layernorm": (lambda x: _ln(x @ W) @ V, 0.0),
+    "matmul_both_perturbed": (lambda x: (x @ W) @ (x @ W).T, 0.0),
+    "attention": (lambda x: jax.nn.softmax((x @ W) @ (x @ W).T / 2.0, axis=-1) @ (x @ W), 0.0),
+    "product": (lambda x: (x @ W) * jnp.tanh(x @ W), 0.0),
+    "division": (lambda x: (x @ W) / (2.0 + jnp.exp(x @ W)), 0.0),
+    "reciprocal": (lambda x: 1.0 / x, 3.0),
+    "sqrt": (lambda x: jnp.sqrt(x) @ W, 3.0),
+    "rsqrt": (lambda x: jax.lax.rsqrt(x) @ W, 3.0),
+    "log": (lambda x: jnp.log(x) @ W, 3.0),
+    "square": (lambda x: jnp.square(x @ W), 0.0),
+    "cube": (lambda x: (x @ W) ** 3, 0.0),
+    "reductions": (lambda x: jnp.concatenate([x.sum(0), x.mean(1), (x @ W).sum(0)]), 0.0),
+    "reshape_transpose": (lambda x: (x.reshape(6, 3).T @ W[:6]).reshape(-1), 0.0),
+    "gather_concat": (lambda x: jnp.concatenate([x[jnp.array([2, 0, 2])], x[:, ::-1]], axis=0) @ W, 0.0),
+    "max_min_const": (lambda x: jnp.maximum(x @ W, 0.3) - jnp.minimum(x @ W, -0.2), 0.0),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bound_contains_samples(name, method):
+    fn, offset = CASES[name]
+    x0 = jax.random.normal(jax.random.PRNGKey(len(name)), (3, 6)) * 0.5 + offset
+    s = lp_ball(x0, 0.05)
+    out = bound(fn, s, method=method).output
+    check_sound(fn, s, out, jax.random.PRNGKey(7), n=128, attack_directions=3)
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0])
+@pytest.mark.parametrize("method", ["ibp", "forward", "crown"])
+def test_lp_balls_on_one_row(p, method):
+    fn = CASES["attention"][0]
+    x0 = jax.random.normal(jax.random.PRNGKey(3), (3, 6)) * 0.5
+    mask = jnp.array([0.0, 1.0, 0.0])[:, None]
+    s = lp_ball(x0, 0.1, p=p, mask=mask)
+    out = bound(fn, s, method=method).output
+    check_sound(fn, s, out, jax.random.PRNGKey(1), n=128, attack_directions=3)
