@@ -1,0 +1,420 @@
+"""CMAV — cross-modal alignment verification: latent-collision certificates for text encoders.
+
+A text-encoder backdoor makes ``emb(prompt + trigger) ~ emb(forbidden concept)``
+(a *latent collision*). For a prompt and a perturbation set ``S`` of its word
+embeddings (an l_p ball at chosen positions, or the convex hull of
+substitute words), CMAV proves, for each restricted concept ``c`` with unit
+embedding ``t_c``::
+
+    max_{x in S} cos(emb(x), t_c) <= U_c < tau
+
+by bounding the whole map ``x -> <emb(x) / ||emb(x)||, t_c>`` (pooling and
+normalisation included) with the bound engine. ``U_c`` is sound; the verdict
+is *certified* when ``U_c < tau``. Otherwise an attack (PGD on the ball,
+exhaustive or greedy search over substitutions) looks for a witness ``x``
+with ``cos >= tau``: a *collision*. If neither succeeds the answer is
+*unknown*. The true robust radius lies between :func:`certified_radius`'s
+two numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diverify.bounds import compile_bounds
+from diverify.errors import DiverifyError
+from diverify.specs import LpBall, Substitution, lp_ball, substitution
+
+Status = str  # "certified" | "collision" | "unknown"
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """A tokenised prompt: one sequence of ids and its attention mask."""
+
+    text: str | None
+    ids: np.ndarray
+    mask: np.ndarray
+    tokens: tuple[str, ...]
+
+
+def make_prompt(encoder, text: str | None = None, ids: Sequence[int] | None = None) -> Prompt:
+    """Tokenise ``text`` (or take the ids as given) into a single-sequence :class:`Prompt`."""
+    if (text is None) == (ids is None):
+        raise DiverifyError("give exactly one of a prompt text or a list of token ids")
+    if text is not None:
+        tok_ids, mask = encoder.tokenize([text])
+        tok_ids, mask = np.asarray(tok_ids)[:1], np.asarray(mask)[:1]
+    else:
+        tok_ids = np.asarray([list(ids)], dtype=np.int32)
+        vocab = _vocab_size(encoder)
+        if tok_ids.size == 0:
+            raise DiverifyError("the list of token ids is empty")
+        if np.any(tok_ids < 0) or np.any(tok_ids >= vocab):
+            raise DiverifyError(f"token ids must lie in [0, {vocab}) for this model")
+        mask = np.ones_like(tok_ids)
+    return Prompt(text=text, ids=tok_ids, mask=mask, tokens=tuple(_token_strings(encoder, tok_ids[0])))
+
+
+def _vocab_size(encoder) -> int:
+    return int(encoder.config.vocab_size)
+
+
+def _token_strings(encoder, ids) -> list[str]:
+    tok = getattr(encoder, "tokenizer", None)
+    if tok is not None:
+        return list(tok.convert_ids_to_tokens([int(i) for i in ids]))
+    return [str(int(i)) for i in ids]
+
+
+def check_positions(prompt: Prompt, positions: Sequence[int]) -> list[int]:
+    length = prompt.ids.shape[1]
+    if not positions:
+        raise DiverifyError("choose at least one position to perturb")
+    bad = [p for p in positions if not 0 <= p < length]
+    if bad:
+        raise DiverifyError(f"position(s) {bad} out of range: the prompt has {length} tokens (0..{length - 1})")
+    return sorted(set(int(p) for p in positions))
+
+
+def positions_of_words(encoder, prompt: Prompt, words: Sequence[str]) -> list[int]:
+    """Token positions whose token is one of ``words`` (as the tokenizer spells it)."""
+    found = []
+    for w in words:
+        wid, _ = encoder.tokenize([w])
+        pieces = [t for t in _token_strings(encoder, np.asarray(wid)[0]) if t not in _special_tokens(encoder)]
+        hits = [i for i, t in enumerate(prompt.tokens) if t in pieces]
+        if not hits:
+            raise DiverifyError(f"word '{w}' does not occur in the prompt (tokens: {' '.join(prompt.tokens)})")
+        found.extend(hits)
+    return sorted(set(found))
+
+
+def _special_tokens(encoder) -> set[str]:
+    tok = getattr(encoder, "tokenizer", None)
+    return set(getattr(tok, "all_special_tokens", []) or [])
+
+
+def embedding_ball(encoder, prompt: Prompt, positions: Sequence[int], eps: float, norm: float = np.inf) -> LpBall:
+    """The l_p ball of radius ``eps`` around the word embeddings at ``positions``."""
+    positions = check_positions(prompt, positions)
+    we = encoder.word_embeddings(jnp.asarray(prompt.ids))
+    mask = np.zeros(we.shape[:-1] + (1,), np.float32)
+    mask[:, positions] = 1.0
+    return lp_ball(we, eps, p=norm, mask=mask)
+
+
+def substitution_set(encoder, prompt: Prompt, substitutions: dict[int, Sequence[int]]) -> tuple[Substitution, list]:
+    """Convex hull of the original and substitute word embeddings at each position,
+    and the token ids of each position's vertices (the original first)."""
+    if not substitutions:
+        raise DiverifyError("give at least one position with substitute tokens")
+    positions = check_positions(prompt, list(substitutions))
+    we = encoder.word_embeddings(jnp.asarray(prompt.ids))
+    table_ids = []
+    for p in positions:
+        subs = [int(t) for t in substitutions[p]]
+        if not subs:
+            raise DiverifyError(f"empty substitution list for position {p}")
+        table_ids.append([int(prompt.ids[0, p])] + [t for t in subs if t != int(prompt.ids[0, p])])
+    cands = [np.asarray(encoder.word_embeddings(jnp.asarray([ids])))[0] for ids in table_ids]
+    s = substitution(we, positions, cands)
+    return dataclasses.replace(s, positions=jnp.asarray(positions)), table_ids
+
+
+def cosine_function(encoder, prompt: Prompt, concept_embeddings: jax.Array):
+    """``we -> cos(emb(we), t_c)`` for every concept (rows of ``concept_embeddings``, unit norm).
+
+    The embedding is the checkpoint's pooled output; it is normalised here
+    (``e * rsqrt(sum e^2)``) whatever the pipeline says, since a cosine is asked.
+    """
+    params = encoder.params
+    mask = jnp.asarray(prompt.mask)
+    ids = jnp.asarray(prompt.ids)
+    targets = jnp.asarray(concept_embeddings, jnp.float32)
+
+    def fn(we):
+        e = encoder.pooled_from_word_embeddings(params, we, mask, ids)[0]
+        unit = e * jax.lax.rsqrt(jnp.sum(e * e))
+        return targets @ unit
+
+    return fn
+
+
+def pooled_function(encoder, prompt: Prompt):
+    """``we -> pooled, un-normalised embedding`` of the prompt (shape ``(D,)``)."""
+    params, mask, ids = encoder.params, jnp.asarray(prompt.mask), jnp.asarray(prompt.ids)
+    return lambda we: encoder.pooled_from_word_embeddings(params, we, mask, ids)[0]
+
+
+def concept_embeddings(encoder, concepts: Sequence[str]) -> jax.Array:
+    if not concepts:
+        raise DiverifyError("give at least one restricted concept")
+    e = jnp.asarray(encoder.embed(list(concepts)), jnp.float32)
+    return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
+
+
+# --------------------------------------------------------------------------
+# Attacks: lower bounds on the worst case, and witnesses of collisions.
+
+
+def pgd_max(fn, ball: LpBall, key, steps: int = 50, restarts: int = 4):
+    """Projected gradient ascent of each output of ``fn`` over ``ball``;
+    returns (best value per output, the maximising inputs)."""
+    n_out = jax.eval_shape(fn, ball.center).shape[0]
+    radius = ball.eps * ball.mask
+
+    def project(x):
+        d = (x - ball.center) * ball.mask
+        if ball.p == np.inf:
+            d = jnp.clip(d, -radius, radius)
+        else:
+            order = 2 if ball.p == 2.0 else 1
+            nrm = jnp.linalg.norm(d, ord=order, axis=-1, keepdims=True) if order == 2 else jnp.sum(jnp.abs(d), -1, keepdims=True)
+            d = d * jnp.minimum(1.0, ball.eps / jnp.maximum(nrm, 1e-30))
+        return ball.center + d
+
+    def ascend(k, start_key):
+        grad = jax.grad(lambda x: fn(x)[k])
+        x0 = project(ball.center + radius * jax.random.uniform(start_key, ball.center.shape, minval=-1, maxval=1))
+        step = 2.5 * jnp.maximum(ball.eps, 1e-12) / steps
+
+        def body(_, carry):
+            x, best_x, best = carry
+            g = grad(x)
+            if ball.p == np.inf:
+                direction = jnp.sign(g)
+            else:
+                direction = g / jnp.maximum(jnp.linalg.norm(g * ball.mask, axis=-1, keepdims=True), 1e-30)
+            x = project(x + step * direction * ball.mask)
+            val = fn(x)[k]
+            better = val > best
+            return x, jnp.where(better, x, best_x), jnp.where(better, val, best)
+
+        _, best_x, best = jax.lax.fori_loop(0, steps, body, (x0, x0, fn(x0)[k]))
+        return best, best_x
+
+    keys = jax.random.split(key, restarts)
+    run = jax.jit(jax.vmap(jax.vmap(ascend, in_axes=(None, 0)), in_axes=(0, None)))
+    vals, xs = run(jnp.arange(n_out), keys)  # (n_out, restarts)
+    best = jnp.argmax(vals, axis=1)
+    return vals[jnp.arange(n_out), best], xs[jnp.arange(n_out), best]
+
+
+def search_substitutions(fn, s: Substitution, table_ids, max_exhaustive: int = 4096):
+    """Best substitution (vertex) for each output: exhaustive when the product of
+    the lists is small, greedy coordinate ascent otherwise."""
+    sizes = [len(t) for t in table_ids]
+    n_pos = len(sizes)
+
+    def point(choice):
+        vecs = s.candidates[jnp.arange(n_pos), jnp.asarray(choice)]
+        return s.base.at[..., s.positions, :].set(vecs)
+
+    evaluate = jax.jit(jax.vmap(lambda c: fn(point(c))))
+    total = int(np.prod(sizes))
+    if total <= max_exhaustive:
+        choices = np.array(list(itertools.product(*[range(n) for n in sizes])), dtype=np.int32)
+        vals = np.asarray(evaluate(jnp.asarray(choices)))  # (total, n_out)
+        best = vals.argmax(0)
+        return vals.max(0), [choices[b] for b in best]
+    n_out = int(jax.eval_shape(fn, s.base).shape[0])
+    results, picks = [], []
+    for out in range(n_out):
+        choice = np.zeros(n_pos, np.int32)
+        for _ in range(3):
+            for p in range(n_pos):
+                trials = np.repeat(choice[None], sizes[p], 0)
+                trials[:, p] = np.arange(sizes[p])
+                choice = trials[int(np.asarray(evaluate(jnp.asarray(trials)))[:, out].argmax())]
+        results.append(float(np.asarray(evaluate(jnp.asarray(choice[None])))[0, out]))
+        picks.append(choice)
+    return np.asarray(results), picks
+
+
+# --------------------------------------------------------------------------
+# Certificates.
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptVerdict:
+    concept: str
+    status: Status
+    cosine_upper: float
+    cosine_lower: float
+    cosine_clean: float
+    attack_cosine: float
+    witness: dict | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Certificate:
+    model: str
+    prompt: str | None
+    ids: list
+    tokens: list
+    perturbation: dict
+    method: str
+    intermediate_method: str
+    threshold: float
+    certified: bool
+    concepts: list
+    seconds: float
+    compile_seconds: float
+
+
+def certify(encoder, prompt: Prompt, input_set, concepts: Sequence[str], threshold: float,
+            method: str = "crown", table_ids=None, attack: bool = True, seed: int = 0) -> Certificate:
+    """Certify (or refute) that no point of ``input_set`` brings the prompt's embedding
+    within cosine ``threshold`` of any restricted concept."""
+    if not -1.0 <= threshold <= 1.0:
+        raise DiverifyError(f"threshold must be a cosine in [-1, 1], got {threshold}")
+    targets = concept_embeddings(encoder, concepts)
+    fn = cosine_function(encoder, prompt, targets)
+    t0 = time.perf_counter()
+    bf = compile_bounds(fn, input_set, method=method)
+    result = bf(input_set)
+    jax.block_until_ready(result.output.upper)
+    t1 = time.perf_counter()
+    result = bf(input_set)
+    jax.block_until_ready(result.output.upper)
+    t2 = time.perf_counter()
+    upper = np.asarray(result.output.upper)
+    lower = np.asarray(result.output.lower)
+    clean = np.asarray(fn(_clean_point(input_set)))
+    attack_vals = np.full(len(concepts), -np.inf)
+    witnesses: list = [None] * len(concepts)
+    if attack and np.any(upper >= threshold):
+        if isinstance(input_set, Substitution):
+            vals, picks = search_substitutions(fn, input_set, table_ids)
+            attack_vals = np.asarray(vals)
+            for i, c in enumerate(picks):
+                witnesses[i] = {"substitution": {int(p): int(table_ids[j][int(c[j])]) for j, p in enumerate(np.asarray(input_set.positions))}}
+        else:
+            vals, xs = pgd_max(fn, input_set, jax.random.PRNGKey(seed))
+            attack_vals = np.asarray(vals)
+            for i in range(len(concepts)):
+                delta = np.asarray((xs[i] - input_set.center) * input_set.mask)
+                witnesses[i] = {"delta_norm": float(np.linalg.norm(delta.ravel(), ord=np.inf if input_set.p == np.inf else input_set.p)),
+                                "delta": delta[0][np.asarray(input_set.mask)[0, :, 0] > 0].tolist()}
+    verdicts = []
+    for i, c in enumerate(concepts):
+        if upper[i] < threshold:
+            status, witness = "certified", None
+        elif attack_vals[i] >= threshold:
+            status, witness = "collision", witnesses[i]
+        else:
+            status, witness = "unknown", None
+        verdicts.append(ConceptVerdict(c, status, float(upper[i]), float(lower[i]), float(clean[i]), float(attack_vals[i]), witness))
+    return Certificate(
+        model=encoder.name,
+        prompt=prompt.text,
+        ids=[int(i) for i in prompt.ids[0]],
+        tokens=list(prompt.tokens),
+        perturbation=describe_set(input_set),
+        method=result.method,
+        intermediate_method=result.intermediate_method,
+        threshold=float(threshold),
+        certified=all(v.status == "certified" for v in verdicts),
+        concepts=verdicts,
+        seconds=t2 - t1,
+        compile_seconds=t1 - t0,
+    )
+
+
+def _clean_point(input_set):
+    if isinstance(input_set, Substitution):
+        return input_set.base.at[..., input_set.positions, :].set(input_set.candidates[:, 0])
+    return input_set.center
+
+
+def describe_set(s) -> dict:
+    if isinstance(s, Substitution):
+        return {"kind": "substitution", "positions": [int(p) for p in np.asarray(s.positions)], "candidates_per_position": int(s.candidates.shape[1])}
+    positions = [int(p) for p in np.nonzero(np.asarray(s.mask)[0, :, 0])[0]]
+    norm = "inf" if s.p == np.inf else int(s.p)
+    return {"kind": "lp_ball", "norm": norm, "eps": float(s.eps), "positions": positions}
+
+
+@dataclasses.dataclass(frozen=True)
+class RadiusResult:
+    model: str
+    prompt: str | None
+    positions: list
+    norm: str
+    threshold: float
+    method: str
+    certified_radius: float
+    attack_radius: float | None
+    ratio: float | None
+    bisection_steps: int
+    seconds: float
+
+
+def certified_radius(encoder, prompt: Prompt, positions: Sequence[int], concepts: Sequence[str], threshold: float,
+                     norm: float = np.inf, method: str = "crown", eps_max: float = 0.1, steps: int = 12,
+                     seed: int = 0, progress=None) -> RadiusResult:
+    """Largest eps (bisection) at which every concept is certified, and the
+    smallest eps at which PGD finds a collision: the true robust radius lies
+    between them. The bound function is compiled once; eps is an input."""
+    t0 = time.perf_counter()
+    targets = concept_embeddings(encoder, concepts)
+    fn = cosine_function(encoder, prompt, targets)
+    ball = embedding_ball(encoder, prompt, positions, eps_max, norm)
+    bf = compile_bounds(fn, ball, method=method)
+
+    def is_certified(eps):
+        try:
+            out = bf(dataclasses.replace(ball, eps=jnp.float32(eps))).output
+        except DiverifyError:
+            return False
+        return bool(np.all(np.asarray(out.upper) < threshold))
+
+    def collides(eps):
+        vals, _ = pgd_max(fn, dataclasses.replace(ball, eps=jnp.float32(eps)), jax.random.PRNGKey(seed))
+        return bool(np.any(np.asarray(vals) >= threshold))
+
+    lo, hi = 0.0, eps_max
+    n = 0
+    if is_certified(hi):
+        lo = hi
+    else:
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            n += 1
+            if is_certified(mid):
+                lo = mid
+            else:
+                hi = mid
+            if progress:
+                progress(n)
+    attack_radius = None
+    if collides(eps_max):
+        a_lo, a_hi = lo, eps_max
+        for _ in range(steps):
+            mid = (a_lo + a_hi) / 2
+            if collides(mid):
+                a_hi = mid
+            else:
+                a_lo = mid
+        attack_radius = a_hi
+    return RadiusResult(
+        model=encoder.name,
+        prompt=prompt.text,
+        positions=check_positions(prompt, positions),
+        norm="inf" if norm == np.inf else str(int(norm)),
+        threshold=float(threshold),
+        method=method,
+        certified_radius=lo,
+        attack_radius=attack_radius,
+        ratio=None if attack_radius is None else lo / attack_radius,
+        bisection_steps=n,
+        seconds=time.perf_counter() - t0,
+    )

@@ -1,0 +1,1 @@
+"""Certified weight smoothing: exact statistics, seeded sharded sampling, certificates."""
