@@ -24,7 +24,7 @@ ORDER = ("certify", "radius", "bounds", "embed", "lipschitz", "cws", "certify-ed
 
 def command_modules() -> list[str]:
     """Names of the modules in :mod:`diverify.commands`, in ``--help`` order."""
-    names = [m.name for m in pkgutil.iter_modules(diverify.commands.__path__)]
+    names = [m.name for m in pkgutil.iter_modules(diverify.commands.__path__) if not m.name.startswith("_")]
     rank = {name.replace("-", "_"): i for i, name in enumerate(ORDER)}
     return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
 

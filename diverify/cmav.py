@@ -67,8 +67,14 @@ def _vocab_size(encoder) -> int:
     return int(encoder.config.vocab_size)
 
 
+def _tokenizer(encoder):
+    from diverify.models.encoder import _tokenizer
+
+    return _tokenizer(encoder.directory) if encoder.has_tokenizer else None
+
+
 def _token_strings(encoder, ids) -> list[str]:
-    tok = getattr(encoder, "tokenizer", None)
+    tok = _tokenizer(encoder)
     if tok is not None:
         return list(tok.convert_ids_to_tokens([int(i) for i in ids]))
     return [str(int(i)) for i in ids]
@@ -98,7 +104,7 @@ def positions_of_words(encoder, prompt: Prompt, words: Sequence[str]) -> list[in
 
 
 def _special_tokens(encoder) -> set[str]:
-    tok = getattr(encoder, "tokenizer", None)
+    tok = _tokenizer(encoder)
     return set(getattr(tok, "all_special_tokens", []) or [])
 
 
@@ -135,9 +141,7 @@ def cosine_function(encoder, prompt: Prompt, concept_embeddings: jax.Array):
     The embedding is the checkpoint's pooled output; it is normalised here
     (``e * rsqrt(sum e^2)``) whatever the pipeline says, since a cosine is asked.
     """
-    params = encoder.params
-    mask = jnp.asarray(prompt.mask)
-    ids = jnp.asarray(prompt.ids)
+    params, mask, ids = encoder.params, prompt.mask, prompt.ids
     targets = jnp.asarray(concept_embeddings, jnp.float32)
 
     def fn(we):
@@ -150,7 +154,7 @@ def cosine_function(encoder, prompt: Prompt, concept_embeddings: jax.Array):
 
 def pooled_function(encoder, prompt: Prompt):
     """``we -> pooled, un-normalised embedding`` of the prompt (shape ``(D,)``)."""
-    params, mask, ids = encoder.params, jnp.asarray(prompt.mask), jnp.asarray(prompt.ids)
+    params, mask, ids = encoder.params, prompt.mask, prompt.ids
     return lambda we: encoder.pooled_from_word_embeddings(params, we, mask, ids)[0]
 
 
@@ -271,12 +275,18 @@ class Certificate:
 
 
 def certify(encoder, prompt: Prompt, input_set, concepts: Sequence[str], threshold: float,
-            method: str = "crown", table_ids=None, attack: bool = True, seed: int = 0) -> Certificate:
+            method: str = "crown", table_ids=None, attack: bool = True, seed: int = 0,
+            concept_vectors=None) -> Certificate:
     """Certify (or refute) that no point of ``input_set`` brings the prompt's embedding
-    within cosine ``threshold`` of any restricted concept."""
+    within cosine ``threshold`` of any restricted concept (embedded with the same
+    encoder, or given as ``concept_vectors``, one row per concept)."""
     if not -1.0 <= threshold <= 1.0:
         raise DiverifyError(f"threshold must be a cosine in [-1, 1], got {threshold}")
-    targets = concept_embeddings(encoder, concepts)
+    if concept_vectors is None:
+        targets = concept_embeddings(encoder, concepts)
+    else:
+        targets = jnp.asarray(concept_vectors, jnp.float32)
+        targets = targets / jnp.linalg.norm(targets, axis=-1, keepdims=True)
     fn = cosine_function(encoder, prompt, targets)
     t0 = time.perf_counter()
     bf = compile_bounds(fn, input_set, method=method)

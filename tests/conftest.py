@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-TINY_BERT = Path("/work/shared/fixtures/tiny-bert")
+#: The shared fixture: ``shared/`` sits beside the checkout (and beside CI's clone).
+TINY_BERT = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tiny-bert"
 
 #: A BERT small enough that loading and tracing it costs milliseconds.
 SMALL_BERT_CONFIG = {"model_type": "bert", "architectures": ["BertModel"], "vocab_size": 50, "hidden_size": 16,

@@ -12,7 +12,9 @@ from diverify.audit.weights import open_checkpoint
 from diverify.errors import DiverifyError
 from diverify.results import dumps
 
-TINY = "/work/shared/fixtures/tiny-bert"
+from tests.conftest import TINY_BERT
+
+TINY = str(TINY_BERT)
 
 
 def write_model(path, tensors, config_from=TINY):

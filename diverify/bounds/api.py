@@ -40,7 +40,7 @@ import optax
 
 from diverify.bounds import backward, ops
 from diverify.bounds.graph import Const, Graph, trace
-from diverify.bounds.interval import IntervalBound
+from diverify.bounds.interval import IntervalBound, intersect
 from diverify.errors import DiverifyError
 from diverify.specs import Box
 
@@ -198,9 +198,7 @@ def _run(graph: Graph, method: str, spec, alpha_steps: int, alpha_lr: float, set
             low = _optimise_alphas(graph, o, rows, env, sets, alpha_steps, alpha_lr)
         else:
             low = _final_rows(graph, o, rows, env, sets)
-        lower = jnp.maximum(low[:n].reshape(shape), lo)
-        upper = jnp.minimum(-low[n:].reshape(shape), hi)
-        outputs.append(IntervalBound(lower, upper))
+        outputs.append(IntervalBound(*intersect((low[:n].reshape(shape), -low[n:].reshape(shape)), (lo, hi))))
     intermediates = {}
     for idx, node in enumerate(graph.nodes):
         for vid in node.outputs:

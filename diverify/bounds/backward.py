@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from diverify.bounds import elementwise, forward, relaxations
 from diverify.bounds.graph import Const, Graph, Node
-from diverify.bounds.interval import node_interval
+from diverify.bounds.interval import intersect, node_interval
 from diverify.bounds.ops import kind, linear_offset, linear_part
 
 
@@ -203,6 +203,6 @@ def intermediate_bounds(graph: Graph, input_sets, method: str = "crown"):
         for vid, iv in zip(node.outputs, outs):
             if vid in needed:
                 lo, hi = crown_interval(graph, vid, env, input_sets, idx)
-                iv = (jnp.maximum(iv[0], lo), jnp.minimum(iv[1], hi))
+                iv = intersect(iv, (lo, hi))
             env[vid] = iv
     return env, flags

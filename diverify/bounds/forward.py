@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from diverify.bounds import elementwise
 from diverify.bounds.graph import Const, Graph, Node
-from diverify.bounds.interval import node_interval
+from diverify.bounds.interval import intersect, node_interval
 from diverify.bounds.ops import kind, linear_part, linear_radius
 
 
@@ -111,12 +111,25 @@ def _unary_forward(node: Node, x: Affine, bounds, alpha=None):
     return Affine(_scale_coeffs(x.coeffs, s), s * x.offset, sl + lo, sh + hi)
 
 
-def _product_forward(node: Node, x: Affine, y: Affine, bx, by):
+def _lift(coeffs, in_shapes, shape):
+    """Broadcast coefficient tensors ``input_shape + v_shape`` to ``input_shape + shape``."""
+    out = []
+    for c, ins in zip(coeffs, in_shapes):
+        if c is None:
+            out.append(None)
+            continue
+        v_shape = c.shape[len(ins):]
+        c = c.reshape(tuple(ins) + (1,) * (len(shape) - len(v_shape)) + v_shape)
+        out.append(jnp.broadcast_to(c, tuple(ins) + tuple(shape)))
+    return tuple(out)
+
+
+def _product_forward(node: Node, x: Affine, y: Affine, bx, by, in_shapes):
     shape = node.out_avals[0].shape
     cx, rx = (bx[0] + bx[1]) / 2, (bx[1] - bx[0]) / 2
     cy, ry = (by[0] + by[1]) / 2, (by[1] - by[0]) / 2
-    coeffs = _add_coeffs(_scale_coeffs(x.coeffs, cy), _scale_coeffs(y.coeffs, cx))
-    coeffs = tuple(None if c is None else jnp.broadcast_to(c, c.shape[: c.ndim - len(shape)] + shape) for c in coeffs)
+    coeffs = _add_coeffs(_scale_coeffs(_lift(x.coeffs, in_shapes, shape), cy),
+                         _scale_coeffs(_lift(y.coeffs, in_shapes, shape), cx))
     offset = cy * x.offset + cx * y.offset - cx * cy
     xl, xh = _scale_interval(cy, x.slack_lo, x.slack_hi)
     yl, yh = _scale_interval(cx, y.slack_lo, y.slack_hi)
@@ -172,7 +185,7 @@ def propagate(graph: Graph, input_sets):
             ok = jnp.all(elementwise.domain_ok(node, *env[x]))
         elif k == "product":
             x, y = node.inputs
-            outs = [_product_forward(node, forms[x], forms[y], env[x], env[y])]
+            outs = [_product_forward(node, forms[x], forms[y], env[x], env[y], in_shapes)]
         else:
             x, y = node.inputs
             outs = [_dot_forward(node, forms[x], forms[y], env[x], env[y], in_shapes)]
@@ -180,5 +193,5 @@ def propagate(graph: Graph, input_sets):
         for vid, form, iv in zip(node.outputs, outs, outs_iv):
             lo, hi = concretise(form, input_sets)
             forms[vid] = form
-            env[vid] = (jnp.maximum(lo, iv[0]), jnp.minimum(hi, iv[1]))
+            env[vid] = intersect((lo, hi), iv)
     return env, flags, forms

@@ -83,6 +83,14 @@ def node_interval(node: Node, ins: list):
     return [dot_general_interval(node, ins[0], ins[1])], ok
 
 
+def intersect(a, b):
+    """Intersection of two sound intervals of the same value. In exact arithmetic
+    they overlap; when float rounding leaves them disjoint by a hair, the hull
+    of the two inner ends is returned so that ``lower <= upper`` always holds."""
+    lo, hi = jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])
+    return jnp.minimum(lo, hi), jnp.maximum(lo, hi)
+
+
 def propagate(graph: Graph, input_intervals, overrides=None):
     """Intervals of every value of ``graph`` (dict id -> (l, u)) and per-node domain flags.
 
@@ -97,7 +105,6 @@ def propagate(graph: Graph, input_intervals, overrides=None):
         flags.append(ok)
         for vid, iv in zip(node.outputs, outs):
             if overrides and vid in overrides:
-                lo, hi = overrides[vid]
-                iv = (jnp.maximum(iv[0], lo), jnp.minimum(iv[1], hi))
+                iv = intersect(iv, overrides[vid])
             env[vid] = iv
     return env, flags

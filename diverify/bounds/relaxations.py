@@ -389,6 +389,11 @@ def _grid_lines(f, df, curv, weight, l, u, alpha_lower, alpha_upper) -> LinearBo
 # the piecewise-linear ones: exact on one-signed intervals
 
 
+#: XLA on CPU flushes float32 subnormals (|x| < 1.2e-38) to zero, so even the
+#: "exact" relu/abs lines are padded by the smallest normal float32.
+_FLUSH_PAD = float(jnp.finfo(jnp.float32).tiny)
+
+
 def _relu_lines(l, u, alpha_lower) -> LinearBounds:
     """ReLU: exact on one-signed intervals; on crossing ones the lower slope is
     alpha (``alpha x <= relu(x)`` for every real x) and the upper line the chord."""
@@ -403,9 +408,9 @@ def _relu_lines(l, u, alpha_lower) -> LinearBounds:
     pos = l >= 0
     return LinearBounds(
         jnp.where(cross, a, jnp.where(pos, one, zero)),
-        zero,
+        zero - _FLUSH_PAD,
         jnp.where(cross, s, jnp.where(pos, one, zero)),
-        jnp.where(cross, c, zero),
+        jnp.where(cross, c, zero) + _FLUSH_PAD,
     )
 
 
@@ -423,9 +428,9 @@ def _abs_lines(l, u, alpha_lower) -> LinearBounds:
     zero = jnp.zeros_like(l)
     return LinearBounds(
         jnp.where(cross, 2.0 * a - 1.0, sign),
-        zero,
+        zero - _FLUSH_PAD,
         jnp.where(cross, s, sign),
-        jnp.where(cross, c, zero),
+        jnp.where(cross, c, zero) + _FLUSH_PAD,
     )
 
 
@@ -655,6 +660,8 @@ def interval_image(name: str, l, u) -> tuple[Array, Array]:
     if name not in _EXACT:
         lo = lo - (REL_PAD * jnp.abs(lo) * wmax + ABS_PAD)
         hi = hi + (REL_PAD * jnp.abs(hi) * wmax + ABS_PAD)
+    else:
+        lo, hi = lo - _FLUSH_PAD, hi + _FLUSH_PAD
     if name in _EVEN_MIN_AT_ZERO:
         lo = jnp.where((l <= 0) & (u >= 0), 0.0, lo)
     if name in _UNIMODAL_MIN:

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-TINY = "/work/shared/fixtures/tiny-bert"
+from tests.conftest import TINY_BERT
+
+TINY = str(TINY_BERT)
 
 
 @pytest.fixture(scope="session")

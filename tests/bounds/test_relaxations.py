@@ -292,15 +292,17 @@ def test_degenerate_interval_is_nearly_exact(name):
 
 
 def test_relu_and_abs_exact_on_one_signed_intervals():
+    # exact up to the smallest normal float32 (padding against subnormal flushing)
+    TINY = float(np.finfo(np.float32).tiny)
     l = np.array([0.0, 1.0, -3.0, -2.0], np.float32)
     u = np.array([2.0, 1.0, -1.0, 0.0], np.float32)
     for alpha in (0.0, 0.7):
         r = lin("relu", l, u, alpha, alpha)
-        np.testing.assert_array_equal(np.stack(r), [[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
+        np.testing.assert_allclose(np.stack(r), [[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]], rtol=0, atol=TINY)
         a = lin("abs", l, u, alpha, alpha)
-        np.testing.assert_array_equal(np.stack(a), [[1, 1, -1, -1], [0, 0, 0, 0], [1, 1, -1, -1], [0, 0, 0, 0]])
-    np.testing.assert_array_equal(np.stack(img("relu", l, u)), [[0, 1, 0, 0], [2, 1, 0, 0]])
-    np.testing.assert_array_equal(np.stack(img("abs", l, u)), [[0, 1, 1, 0], [2, 1, 3, 2]])
+        np.testing.assert_allclose(np.stack(a), [[1, 1, -1, -1], [0, 0, 0, 0], [1, 1, -1, -1], [0, 0, 0, 0]], rtol=0, atol=TINY)
+    np.testing.assert_allclose(np.stack(img("relu", l, u)), [[0, 1, 0, 0], [2, 1, 0, 0]], rtol=0, atol=TINY)
+    np.testing.assert_allclose(np.stack(img("abs", l, u)), [[0, 1, 1, 0], [2, 1, 3, 2]], rtol=0, atol=TINY)
     # CROWN's adaptive default on crossing intervals: slope 1 when u >= -l, else 0 (abs: +1 / -1)
     lc, uc = np.array([-1.0, -3.0], np.float32), np.array([3.0, 1.0], np.float32)
     np.testing.assert_array_equal(R.linear_bounds("relu", lc, uc).lower_slope, [1.0, 0.0])

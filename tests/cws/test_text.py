@@ -15,7 +15,9 @@ from diverify.cws.certificate import apply_edit, dense_inputs, rome_style_edit
 from diverify.cws.sampling import restrict_rows, weight_perturbation
 from diverify.errors import DiverifyError
 
-FIXTURE = "/work/shared/fixtures/tiny-bert"
+from tests.conftest import TINY_BERT
+
+FIXTURE = str(TINY_BERT)
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cat", "dog", "cf", "the", "sat", "on"]
 KERNEL = "encoder/layer_0/attention/self/value/kernel"
 

@@ -1,0 +1,76 @@
+"""Options shared by ``diverify bounds``, ``certify`` and ``radius``: model, prompt, positions, norm, method."""
+
+from __future__ import annotations
+
+import argparse
+
+from diverify.errors import DiverifyError
+
+METHOD_HELP = ("bound method: ibp, forward, crown-ibp, crown-forward, crown (default) or alpha-crown "
+               "(auto_LiRPA's names IBP, CROWN, CROWN-IBP, alpha-CROWN are accepted)")
+
+
+def add_prompt_options(parser: argparse.ArgumentParser, positions_required: bool = False) -> None:
+    parser.add_argument("--model", default="minilm", metavar="NAME|DIR",
+                        help="'minilm' (all-MiniLM-L6-v2, the default) or a Hugging Face checkpoint directory")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", metavar="TEXT", help="the prompt to certify")
+    src.add_argument("--ids", metavar="ID,ID,...", help="the prompt as token ids (bypasses the tokenizer)")
+    parser.add_argument("--positions", metavar="P[,Q]",
+                        help="token positions whose word embeddings are perturbed (0 = first token, e.g. [CLS])")
+    parser.add_argument("--method", default="crown", help=METHOD_HELP)
+    parser.add_argument("--layers", type=int, metavar="N", help="truncate the encoder to its first N layers")
+    parser.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+
+
+def add_ball_options(parser: argparse.ArgumentParser, eps_required: bool = True) -> None:
+    parser.add_argument("--norm", default="inf", choices=["inf", "2", "1"], help="l_p norm of the ball (default inf)")
+    if eps_required:
+        parser.add_argument("--eps", type=float, metavar="E", help="radius of the ball on each perturbed word embedding")
+
+
+def parse_int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise DiverifyError(f"{option}: expected comma-separated integers, got {text!r}") from None
+
+
+def norm_value(text: str) -> float:
+    return float("inf") if text == "inf" else float(text)
+
+
+def load(args):
+    """The encoder (possibly truncated) and the tokenised prompt."""
+    from diverify import cmav
+    from diverify.models import load_text_encoder
+
+    enc = load_text_encoder(args.model)
+    if args.layers is not None:
+        if not 1 <= args.layers <= enc.num_layers:
+            raise DiverifyError(f"--layers must be between 1 and {enc.num_layers}")
+        enc = enc.with_layers(args.layers)
+    ids = parse_int_list(args.ids, "--ids") if args.ids else None
+    prompt = cmav.make_prompt(enc, text=args.prompt, ids=ids)
+    return enc, prompt
+
+
+def positions(args, prompt, default_last_word: bool = True) -> list[int]:
+    from diverify import cmav
+
+    if getattr(args, "words", None):
+        return cmav.positions_of_words(args._encoder, prompt, args.words)
+    if args.positions:
+        return cmav.check_positions(prompt, parse_int_list(args.positions, "--positions"))
+    if default_last_word:
+        # The last token before the final special token ([SEP] / EOS) — the prompt's last word.
+        return [max(1, prompt.ids.shape[1] - 2)]
+    raise DiverifyError("choose the perturbed positions with --positions")
+
+
+def check_eps(eps) -> float:
+    if eps is None:
+        raise DiverifyError("--eps is required")
+    if not eps >= 0:
+        raise DiverifyError(f"--eps must be >= 0, got {eps}")
+    return float(eps)

@@ -1,0 +1,70 @@
+"""CMAV certificates end to end on a small random BERT (ids, no tokenizer)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diverify import cmav
+from diverify.errors import DiverifyError
+from diverify.models import load_text_encoder
+from tests.conftest import write_bert_checkpoint
+
+IDS = [2, 7, 11, 5, 3]
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("small-bert")
+    write_bert_checkpoint(d, seed=3, num_hidden_layers=1)
+    return load_text_encoder(str(d))
+
+
+def test_certified_at_small_eps_and_collision_below_clean_cosine(encoder):
+    prompt = cmav.make_prompt(encoder, ids=IDS)
+    other = cmav.make_prompt(encoder, ids=[2, 9, 4, 3])
+    target = encoder.embed_ids(jnp.asarray(other.ids))
+    ball = cmav.embedding_ball(encoder, prompt, [2], 1e-4)
+    clean = float(cmav.cosine_function(encoder, prompt, target / jnp.linalg.norm(target))(ball.center)[0])
+    # a threshold above the clean cosine is certified at a tiny radius ...
+    cert = cmav.certify(encoder, prompt, ball, ["other"], min(clean + 0.2, 0.999), method="crown-forward",
+                        concept_vectors=target)
+    assert cert.concepts[0].status == "certified" and cert.certified
+    assert cert.concepts[0].cosine_lower <= clean <= cert.concepts[0].cosine_upper
+    # ... and a threshold at or below the clean cosine is a collision with a witness.
+    cert = cmav.certify(encoder, prompt, ball, ["other"], clean - 1e-3, method="crown-forward", concept_vectors=target)
+    assert cert.concepts[0].status == "collision" and cert.concepts[0].witness is not None
+    assert cert.concepts[0].attack_cosine >= clean - 1e-3
+
+
+def test_pgd_never_exceeds_the_certified_upper_bound(encoder):
+    prompt = cmav.make_prompt(encoder, ids=IDS)
+    target = jax.random.normal(jax.random.PRNGKey(0), (2, encoder.embedding_dim))
+    ball = cmav.embedding_ball(encoder, prompt, [1, 3], 1e-3)
+    cert = cmav.certify(encoder, prompt, ball, ["a", "b"], -1.0, method="crown-forward", concept_vectors=target)
+    for v in cert.concepts:  # threshold -1 forces the attack to run
+        assert v.attack_cosine <= v.cosine_upper + 1e-5
+
+
+def test_substitution_search_finds_the_best_vertex(encoder):
+    prompt = cmav.make_prompt(encoder, ids=IDS)
+    s, table = cmav.substitution_set(encoder, prompt, {1: [13, 17], 2: [19, 23, 29]})
+    assert [t[0] for t in table] == [IDS[1], IDS[2]]  # the original token is a vertex too
+    target = jax.random.normal(jax.random.PRNGKey(1), (1, encoder.embedding_dim))
+    fn = cmav.cosine_function(encoder, prompt, target / jnp.linalg.norm(target))
+    best, picks = cmav.search_substitutions(fn, s, table)
+    brute = max(float(fn(encoder.word_embeddings(jnp.asarray([[IDS[0], a, b, *IDS[3:]]])))[0])
+                for a in table[0] for b in table[1])
+    assert float(best[0]) == pytest.approx(brute, abs=1e-6)
+
+
+def test_bad_specifications_are_clear_errors(encoder):
+    prompt = cmav.make_prompt(encoder, ids=IDS)
+    with pytest.raises(DiverifyError, match="out of range"):
+        cmav.embedding_ball(encoder, prompt, [9], 0.1)
+    with pytest.raises(DiverifyError, match="eps must be >= 0"):
+        cmav.embedding_ball(encoder, prompt, [1], -1.0)
+    with pytest.raises(DiverifyError, match="empty substitution"):
+        cmav.substitution_set(encoder, prompt, {1: []})
+    with pytest.raises(DiverifyError, match="token ids must lie"):
+        cmav.make_prompt(encoder, ids=[1, 10**6])
