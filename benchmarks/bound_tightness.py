@@ -1,0 +1,105 @@
+"""Bound tightness and speed on the shared tiny-BERT problem, next to auto_LiRPA's reference.
+
+The problem (``shared/fixtures/README.md``): ids 2,17,250,31,8,999,64,3, an l_inf
+ball on the word embedding of position 4, bounds on the mean-pooled last hidden
+state. For each method and radius the table gives the mean width, the
+true-range lower bound (for every output k the two corners +-eps*sign(J_k) of
+its Jacobian row), their ratio, the bound time after compilation and the
+compilation time, plus the largest violation of the bound by those attack
+points (must be <= 0 up to float32 rounding). auto_LiRPA's CROWN numbers are
+read from the fixture's ``.npz`` (they cannot be produced here).
+
+    python benchmarks/bound_tightness.py --eps 1e-4 1e-3 --methods crown-forward crown
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diverify import cmav
+from diverify.bounds import compile_bounds
+from diverify.errors import DiverifyError
+from diverify.models import load_text_encoder
+
+IDS = [2, 17, 250, 31, 8, 999, 64, 3]
+POSITION = 4
+DEFAULT_FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tiny-bert"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fixture", default=str(DEFAULT_FIXTURE), help="tiny-bert fixture directory")
+    p.add_argument("--eps", type=float, nargs="+", default=[1e-4, 1e-3])
+    p.add_argument("--methods", nargs="+", default=["ibp", "forward", "crown-ibp", "crown-forward", "crown"])
+    p.add_argument("--out", default="benchmarks/out/bound_tightness.json")
+    return p.parse_args(argv)
+
+
+def true_range_lower(fn, ball):
+    x0 = ball.center
+    jac = jax.jacobian(fn)(x0)[:, 0, POSITION, :]
+    eps = float(ball.eps)
+    signs = jnp.sign(jac)  # (outputs, hidden)
+    base = jnp.broadcast_to(x0, (signs.shape[0],) + x0.shape)
+    pts = jnp.concatenate([base.at[:, 0, POSITION].add(s * eps * signs) for s in (1.0, -1.0)])
+    ys = jax.vmap(fn)(pts)
+    return ys, float(np.mean(np.asarray(ys.max(0) - ys.min(0))))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    enc = load_text_encoder(args.fixture)
+    prompt = cmav.make_prompt(enc, ids=IDS)
+    fn = cmav.pooled_function(enc, prompt)
+    ref_path = Path(args.fixture) / "auto_lirpa_crown_eps1e-4.npz"
+    ref = np.load(ref_path) if ref_path.exists() else None
+    rows = []
+    if ref is not None:
+        rows.append({"method": "auto_LiRPA CROWN (fixture)", "eps": 1e-4,
+                     "mean_width": float(np.mean(ref["CROWN_ub"] - ref["CROWN_lb"])),
+                     "seconds": 4.0, "compile_seconds": None, "note": "quiet 2-core machine, from fixtures/README.md"})
+    for eps in args.eps:
+        ball = cmav.embedding_ball(enc, prompt, [POSITION], eps)
+        ys, true_lower = true_range_lower(fn, ball)
+        for method in args.methods:
+            row = {"method": method, "eps": eps, "true_range_lower": true_lower}
+            t0 = time.perf_counter()
+            try:
+                bf = compile_bounds(fn, ball, method=method)
+                jax.block_until_ready(bf(ball).output.lower)
+                t1 = time.perf_counter()
+                res = bf(ball)
+                jax.block_until_ready(res.output.lower)
+                t2 = time.perf_counter()
+            except DiverifyError as err:
+                row["error"] = str(err)
+                rows.append(row)
+                continue
+            lo, hi = np.asarray(res.output.lower), np.asarray(res.output.upper)
+            row.update(mean_width=float(np.mean(hi - lo)), ratio=float(np.mean(hi - lo)) / true_lower,
+                       violation=float(max((lo - ys).max(), (ys - hi).max())), seconds=t2 - t1, compile_seconds=t1 - t0,
+                       intermediate=res.intermediate_method)
+            rows.append(row)
+    print(f"device: {jax.devices()[0].platform}")
+    print(f"{'method':<28} {'eps':>7} {'mean width':>11} {'true >=':>9} {'ratio':>7} {'viol':>9} {'bound s':>8} {'compile s':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['method']:<28} {r['eps']:>7.0e}  error: {r['error'][:70]}")
+            continue
+        f = lambda k, fmt: format(r[k], fmt) if r.get(k) is not None else "-"  # noqa: E731
+        print(f"{r['method']:<28} {r['eps']:>7.0e} {f('mean_width', '11.5g')} {f('true_range_lower', '9.4g')} "
+              f"{f('ratio', '7.2f')} {f('violation', '9.1e')} {f('seconds', '8.3f')} {f('compile_seconds', '9.1f')}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": jax.devices()[0].platform, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
