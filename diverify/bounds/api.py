@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any, Callable
 
 import jax
@@ -236,13 +237,25 @@ class BoundFunction:
         return BoundResult(output=output, intermediates=intermediates, node_ok=node_ok, method=self.method, intermediate_method=inter)
 
     def __call__(self, *sets) -> BoundResult:
-        result = self._compiled(*sets)
+        return self._checked(self._compiled(*sets))
+
+    def timed(self, *sets) -> tuple[BoundResult, float, float]:
+        """The checked result, the tracing+compilation seconds and the bound seconds
+        (compiled ahead of time, so the bound is computed once)."""
+        t0 = time.perf_counter()
+        compiled = self._compiled.lower(*sets).compile()
+        t1 = time.perf_counter()
+        result = jax.block_until_ready(compiled(*sets))
+        t2 = time.perf_counter()
+        return self._checked(result), t1 - t0, t2 - t1
+
+    def _checked(self, result: BoundResult) -> BoundResult:
         for node, ok in zip(self.graph.nodes, np.asarray(result.node_ok)):
             if not ok:
                 where = f" (from {node.source})" if node.source else ""
                 raise DiverifyError(
-                    f"cannot bound '{node.name}'{where}: its input interval leaves the function's domain "
-                    "(e.g. a variance bound reaching 0); the perturbation is too large for this method"
+                    f"cannot bound '{node.name}'{where}: its input interval leaves the domain or float32 range "
+                    "of the function (e.g. a variance bound reaching 0); the perturbation is too large for this method"
                 )
         for leaf in jax.tree_util.tree_leaves(result.output):
             if not bool(jnp.all(jnp.isfinite(leaf))):
