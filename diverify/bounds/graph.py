@@ -76,15 +76,6 @@ class Graph:
     out_tree: Any
     avals: dict
 
-    def consumers(self) -> dict[int, list[int]]:
-        """Map value id -> indices of the nodes that read it."""
-        users: dict[int, list[int]] = {}
-        for k, node in enumerate(self.nodes):
-            for v in node.inputs:
-                if not isinstance(v, Const):
-                    users.setdefault(v, []).append(k)
-        return users
-
 
 _LIBRARY_PATHS = ("/jax/", "/jaxlib/", "/flax/", "/diverify/bounds/", "/optax/")
 

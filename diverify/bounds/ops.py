@@ -17,7 +17,6 @@ names the primitive and the user's line it came from.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from diverify.bounds.elementwise import is_unary

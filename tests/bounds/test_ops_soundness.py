@@ -6,11 +6,9 @@ method must contain the function's value at interior points, corners and
 attack points of the input set.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from diverify.bounds import bound
