@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         from safetensors.numpy import save_file
 
-        from diverify.audit.weights import open_checkpoint
+        from diverify.safetensors_io import open_checkpoint
         from diverify.dna import resolve_model_dir
 
         base_dir = resolve_model_dir("minilm")

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from diverify.audit.spectral import randomized_svd
-from diverify.audit.weights import Checkpoint, iter_tensor_bytes, open_checkpoint
+from diverify.safetensors_io import Checkpoint, iter_tensor_bytes, open_checkpoint
 from diverify.errors import DiverifyError
 
 #: Above this RMS relative sketch distance two models are not the same lineage.

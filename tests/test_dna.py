@@ -8,7 +8,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from diverify import dna
-from diverify.audit.weights import open_checkpoint
+from diverify.safetensors_io import open_checkpoint
 from diverify.errors import DiverifyError
 from diverify.results import dumps
 

@@ -235,8 +235,8 @@ def audit_models(base: str, suspect: str, probes: Iterable[str] | None = None, u
     Both content hashes (see :mod:`diverify.dna`) are embedded in the report.
     """
     from diverify.audit.probe import DEFAULT_PROBES, input_second_moments, jacobian_sensitivities
-    from diverify.audit.weights import (is_lora_adapter, iter_matrix_pairs, open_checkpoint,
-                                        open_lora_adapter)
+    from diverify.audit.weights import is_lora_adapter, iter_matrix_pairs, open_lora_adapter
+    from diverify.safetensors_io import open_checkpoint
     from diverify.dna import content_hash, resolve_model_dir
 
     base_dir = resolve_model_dir(base)

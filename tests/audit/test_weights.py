@@ -7,8 +7,8 @@ from safetensors.torch import save_file as torch_save_file
 
 from diverify.audit.report import audit_pairs
 from diverify.audit.spectral import LowRankDelta
-from diverify.audit.weights import (iter_matrix_pairs, load_tensor, open_checkpoint, open_lora_adapter,
-                                    read_safetensors_header)
+from diverify.audit.weights import iter_matrix_pairs, open_lora_adapter
+from diverify.safetensors_io import load_tensor, open_checkpoint, read_safetensors_header
 from diverify.errors import DiverifyError
 
 from .conftest import TINY
