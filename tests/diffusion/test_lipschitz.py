@@ -1,0 +1,154 @@
+"""Lipschitz bounds of the reverse chain against the exact Jacobian of the Gaussian-mixture fixture,
+sampled pairs and sampled trajectory end points; the UNet's global bound; the CLI."""
+
+import contextlib
+import io
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diverify import lipschitz as L
+from diverify.cli import main
+from diverify.diffusion import digits
+from diverify.diffusion import gmm as G
+from diverify.diffusion import schedulers as sch
+from diverify.errors import DiverifyError
+from diverify.models.diffusers_checkpoint import build_denoiser
+
+NOISE = sch.noise_schedule(1000, clip_sample=False)
+
+
+def mixture(d, std=0.3):
+    means = np.zeros((2, d))
+    means[0, 0], means[1, 0] = -1.0, 1.0
+    return G.gaussian_mixture([0.5, 0.5], means, [std, std], NOISE)
+
+
+def global_bound(mix, schedule):
+    per = [L.step_lipschitz(sch.step_coefficients(schedule, i),
+                            L.gmm_eps_lipschitz(mix, float(NOISE.alphas_cumprod[schedule.timesteps[i]])))[0]
+           for i in range(schedule.num_steps)]
+    return per, math.prod(per)
+
+
+@pytest.mark.parametrize("d", [2, 16])
+def test_global_bound_dominates_the_exact_jacobian_and_sampled_pairs(d):
+    mix, schedule = mixture(d), sch.ddim_schedule(NOISE, 4)
+    per, total = global_bound(mix, schedule)
+    rng = np.random.default_rng(d)
+    # Points on the boundary between the modes (x_1 ~ 0) are where sensitivity peaks.
+    points = rng.normal(size=(6, d)).astype(np.float32)
+    points[:3, 0] = rng.normal(scale=0.02, size=3)
+    fmap = G.ddim_map(mix, schedule)
+    worst = max(float(np.linalg.norm(np.asarray(j), 2)) for j in jax.jit(jax.vmap(jax.jacfwd(fmap)))(points))
+    chain = L.make_chain(G.gmm_eps, mix, None, schedule, points[:1])
+    for i in range(schedule.num_steps):
+        step = L.step_function(chain, i)
+        jacs = jax.jit(jax.vmap(jax.jacfwd(lambda z: step(z[None])[0])))(points)
+        assert max(float(np.linalg.norm(np.asarray(j), 2)) for j in jacs) <= per[i]
+    assert worst <= total
+    batched = jax.jit(jax.vmap(fmap))
+    a = rng.normal(size=(200, d)).astype(np.float32)
+    b = a + rng.normal(scale=0.3, size=a.shape).astype(np.float32)
+    ratios = np.linalg.norm(batched(a) - batched(b), axis=1) / np.linalg.norm(a - b, axis=1)
+    assert np.max(ratios) <= total
+    # The bound is not vacuous for the mixture: within a few orders of magnitude of the truth.
+    assert total <= 1e4 * worst
+
+
+def test_unequal_stds_have_no_global_bound():
+    mix = G.gaussian_mixture([0.5, 0.5], [[-1.0, 0.0], [1.0, 0.0]], [0.2, 0.5], NOISE)
+    with pytest.raises(DiverifyError, match="equal component stds"):
+        L.gmm_eps_lipschitz(mix, 0.5)
+
+
+@pytest.mark.parametrize("method", ["local", "reach"])
+def test_engine_radii_contain_sampled_trajectory_end_points(method):
+    mix, schedule = mixture(2), sch.ddim_schedule(NOISE, 2)
+    x_T = jnp.array([[0.03, 0.4]], jnp.float32)
+    chain = L.make_chain(G.gmm_eps, mix, None, schedule, x_T)
+    radius = 0.05
+    rho, _ = L.engine_chain(chain, radius, method, "ibp")
+    fmap = jax.jit(jax.vmap(G.ddim_map(mix, schedule)))
+    clean = np.asarray(fmap(x_T))[0]
+    rng = np.random.default_rng(1)
+    dirs = rng.normal(size=(400, 2))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    scales = np.concatenate([np.ones(200), rng.uniform(size=200)])[:, None]
+    points = np.asarray(x_T) + radius * scales * dirs
+    # Attack points: the gradient-ascent optimum of the end-point displacement.
+    f = L.chain_function(chain)
+    objective = L.attack_objective(f)
+    ratio = L.attack_ratio(objective, x_T, f(x_T), radius, jax.random.PRNGKey(0))
+    ends = np.asarray(fmap(jnp.asarray(points, jnp.float32)))
+    assert np.max(np.linalg.norm(ends - clean, axis=1)) <= rho[-1]
+    assert ratio * radius <= rho[-1]
+
+
+def test_report_is_consistent_and_lower_bounds_stay_below():
+    mix, schedule = mixture(3), sch.ddim_schedule(NOISE, 3)
+    chain = L.make_chain(G.gmm_eps, mix, None, schedule, jnp.array([[0.01, -0.2, 0.5]]))
+    lip = lambda t: (L.gmm_eps_lipschitz(mix, float(NOISE.alphas_cumprod[t])), None)  # noqa: E731
+    report = L.lipschitz_report(chain, "global", 0.02, lip, distance=0.5, bisect_iters=2)
+    assert report.empirical_lower <= report.cumulative
+    assert all(e <= b for e, b in zip(report.empirical_per_step, report.per_step))
+    assert math.isclose(report.cumulative, math.prod(report.per_step), rel_tol=1e-9)
+    assert report.certified_radius == pytest.approx(0.5 / report.cumulative)
+    assert report.empirical_radius is None or report.certified_radius <= report.empirical_radius * 1.01
+    exact = float(np.linalg.norm(np.asarray(G.ddim_jacobian(mix, schedule, chain.x_T[0])), 2))
+    assert report.empirical_chain_jacobian == pytest.approx(exact, rel=1e-3)
+    with pytest.raises(DiverifyError, match="radius"):
+        L.lipschitz_report(chain, "global", -1.0, lip)
+    with pytest.raises(DiverifyError, match="unknown Lipschitz method"):
+        L.lipschitz_report(chain, "spectral", 0.1, lip)
+
+
+def test_unet_global_bound_dominates_sampled_pairs_in_sample_and_class_weights():
+    config = dict(digits.UNET_CONFIG, block_out_channels=[8, 16], norm_num_groups=4)
+    den = build_denoiser(config, seed=3)
+    lx, lc = L.unet_eps_lipschitz(den.config, den.params)
+    rng = np.random.default_rng(0)
+    eps = jax.jit(den.eps)
+    t = jnp.array([500] * 16)
+    x = jnp.asarray(rng.normal(size=(16, 1, 8, 8)), jnp.float32)
+    y = x + jnp.asarray(rng.normal(scale=0.1, size=x.shape), jnp.float32)
+    c = jax.nn.one_hot(jnp.arange(16) % 10, 10)
+    c2 = jax.nn.softmax(jnp.asarray(rng.normal(size=(16, 10)), jnp.float32))
+    def norms(v):
+        return np.linalg.norm(np.asarray(v, np.float64).reshape(16, -1), axis=1)
+
+    # float64 comparisons: a UNet's global bound is far beyond float32's range.
+    assert math.isfinite(lx) and math.isfinite(lc)
+    assert np.all(norms(eps(den.params, x, t, c) - eps(den.params, y, t, c)) <= lx * norms(x - y))
+    assert np.all(norms(eps(den.params, x, t, c) - eps(den.params, x, t, c2)) <= lc * norms(c - c2))
+    # The layer bounds are exact upper bounds: never below power iteration on the same operator.
+    kernel = den.params["conv_in"]["kernel"]
+    conv = lambda v: jax.lax.conv_general_dilated(v, kernel, (1, 1), ((1, 1), (1, 1)),  # noqa: E731
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert L.power_iteration_norm(conv, (1, 8, 8, 1), jax.random.PRNGKey(0)) <= L.conv_norm_bound(kernel)
+
+
+def run_cli(argv):
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = main(argv)
+    return code, buffer.getvalue()
+
+
+def test_cli_json_and_errors(tmp_path, capsys):
+    code, text = run_cli(["lipschitz", "--denoiser", "gmm", "--steps", "3", "--method", "global", "--json"])
+    assert code == 0
+    result = json.loads(text)
+    assert {"per_step", "cumulative", "empirical_lower", "method", "seconds"} <= set(result)
+    assert len(result["per_step"]) == 3 and result["cumulative"] >= result["empirical_lower"] > 0
+    missing = str(tmp_path / "missing")
+    for argv, message in [(["--denoiser", "gmm", "--radius", "-1"], "radius"),
+                          (["--denoiser", "gmm", "--method", "spectral"], "unknown --method"),
+                          (["--denoiser", missing], "does not exist")]:
+        code, _ = run_cli(["lipschitz", "--steps", "2"] + argv)
+        assert code != 0
+        assert message in capsys.readouterr().err
