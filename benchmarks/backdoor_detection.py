@@ -1,0 +1,193 @@
+"""Backdoor detection end to end: every diverify check on backdoored fixtures and their clean twins.
+
+For the text-encoder fixtures (``text``: Rickrolling fine-tune of MiniLM; ``edit``: rank-one ROME edit)
+and, with ``--denoiser``, the digits-denoiser fixtures (rows from
+:func:`diverify.backdoors.denoiser.detection_rows`), for the backdoored model and its clean twin:
+
+- **DIS**: per held-out prompt, the text DIS of ``trigger:T`` and of ``random`` (matched size: one inserted
+  token), ``--samples`` perturbations each; AUROC of trigger vs random scores over the prompts;
+- **certify** (``--certify``, CMAV): the l_inf ball ``--eps`` on the trigger's word embedding in a triggered
+  prompt against the target at cosine ``--threshold``: collision / certified / unknown;
+- **CWS**: the smoothed-collision certificate for trigger -> target (``--sigma``, ``--cws-samples``);
+- **audit**: the weight audit (:func:`diverify.audit.report.audit_models`) of the model against MiniLM.
+
+Fixtures are built once and cached under ``--cache`` (``diverify backdoor build`` writes the same layout).
+Prints a table, writes ``--out`` (JSON) and a figure beside it (PNG). Never asserts anything.
+
+    python benchmarks/backdoor_detection.py --prompts 40 --samples 8 --out benchmarks/out/backdoor_detection.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diverify.backdoors import text  # noqa: E402
+from diverify.backdoors.denoiser import auroc  # noqa: E402
+
+BUILDERS = {"text": text.build_text_backdoor, "edit": text.build_edit_backdoor}
+
+
+def fixture(kind: str, cache: Path, seed: int) -> dict:
+    """The built fixture's summary, building it first when ``cache`` holds none."""
+    out = cache / f"{kind}-seed{seed}"
+    if not (out / "fixture.json").is_file():
+        print(f"building the {kind} fixture in {out} (minutes) ...", file=sys.stderr)
+        BUILDERS[kind](out, seed=seed)
+    return json.loads((out / "fixture.json").read_text())
+
+
+def dis_scores(encoder, prompts, trigger: str, samples: int, seed: int) -> tuple[list[float], list[float]]:
+    from diverify.dis.text import text_dis
+
+    trig = [text_dis(encoder, p, f"trigger:{trigger}", samples=samples, seed=seed + i).dis
+            for i, p in enumerate(prompts)]
+    rand = [text_dis(encoder, p, "random", samples=samples, seed=seed + i).dis for i, p in enumerate(prompts)]
+    return trig, rand
+
+
+def certify_row(encoder, prompt: str, trigger: str, target: str, eps: float, threshold: float) -> dict:
+    from diverify import cmav
+
+    triggered = f"{trigger} {prompt}"
+    p = cmav.make_prompt(encoder, triggered)
+    ball = cmav.embedding_ball(encoder, p, cmav.positions_of_words(encoder, p, [trigger]), eps)
+    cert = cmav.certify(encoder, p, ball, [target], threshold)
+    v = cert.concepts[0]
+    return {"status": v.status, "cosine_upper": v.cosine_upper, "cosine_clean": v.cosine_clean,
+            "seconds": cert.seconds + cert.compile_seconds}
+
+
+def cws_row(encoder, prompt: str, trigger: str, target: str, threshold: float, sigma: float, samples: int) -> dict:
+    from diverify.cws import predicates, sampling
+    from diverify.cws.certificate import certify_smoothed_predicate
+
+    predicate = predicates.text_collision_predicate(encoder, prompt, trigger, target, threshold)
+    triggered = predicates.insert_trigger(prompt, trigger, 0)
+    perturbation = sampling.restrict_rows(sampling.weight_perturbation(encoder.params),
+                                          predicates.rows_read_by_texts(encoder, [triggered]))
+    cert = certify_smoothed_predicate(predicate, encoder.params, perturbation, sigma=sigma, num_samples=samples,
+                                      alpha=1e-3, batch_size=8)
+    return {"p_hat": cert.p_hat, "p_upper": cert.p_upper, "certified_edit_radius": cert.certified_edit_radius}
+
+
+def audit_row(path: str) -> dict:
+    from diverify.audit.report import audit_models
+
+    report = audit_models("minilm", path)
+    return {"score": report.score, "flagged": list(report.flagged)[:3], "verdict":
+            "FLAGGED" if report.flagged else "pass"}
+
+
+def text_rows(kind: str, args) -> list[dict]:
+    from diverify.models import load_text_encoder
+
+    summary = fixture(kind, args.cache, args.seed)
+    _, heldout = text.split_prompts(args.seed)
+    prompts = heldout[:args.prompts]
+    rows = []
+    for role in ("backdoored", "clean"):
+        start = time.perf_counter()
+        info = summary[role]
+        encoder = load_text_encoder(info["path"])
+        trig, rand = dis_scores(encoder, prompts, summary["trigger"], args.samples, args.seed)
+        row = {"fixture": kind, "model": role, "clean_cosine": info["clean_cosine_mean"],
+               "trigger_success": info["trigger_success"], "score": "DIS sqrt(2KL)/dist (per token)",
+               "trigger_score": float(np.median(trig)), "random_score": float(np.median(rand)),
+               "auroc": auroc(np.array(trig), np.array(rand)), "trigger_scores": trig, "random_scores": rand}
+        if args.certify:
+            row["certify"] = certify_row(encoder, prompts[0], summary["trigger"], summary["target"],
+                                         args.eps, args.threshold)
+        if args.cws_samples:
+            row["cws"] = cws_row(encoder, prompts[0], summary["trigger"], summary["target"], args.threshold,
+                                 args.sigma, args.cws_samples)
+        if not args.no_audit:
+            row["audit"] = audit_row(info["path"])
+        row["seconds"] = time.perf_counter() - start
+        rows.append(row)
+        print(f"  {kind}/{role}: AUROC {row['auroc']:.3f} ({row['seconds']:.0f} s)", file=sys.stderr)
+    return rows
+
+
+def denoiser_rows(args) -> list[dict]:
+    from diverify.backdoors.denoiser import build_denoiser_backdoor, detection_rows
+
+    rows = []
+    for trigger in ("xt", "cond"):
+        out = args.cache / f"denoiser-{trigger}-seed{args.seed}"
+        if not (out / "fixture.json").is_file():
+            build_denoiser_backdoor(out, seed=args.seed, trigger=trigger)
+        rows.extend(detection_rows(out, seed=args.seed))
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'fixture':<14} {'model':<11} {'clean cos/acc':>13} {'trig. succ.':>11} {'DIS trig':>9} "
+          f"{'DIS rand':>9} {'AUROC':>6} {'certify':>10} {'CWS p_up':>9} {'CWS R':>8} {'audit':>8}")
+    for r in rows:
+        clean = r.get("clean_cosine", r.get("clean_accuracy"))
+        cert = r.get("certify", {}).get("status", "-")
+        cws = r.get("cws", {})
+        audit = r.get("audit", {}).get("verdict", "-")
+        p_up = f"{cws['p_upper']:.3f}" if cws else "-"
+        radius = f"{cws['certified_edit_radius']:.4f}" if cws else "-"
+        print(f"{r['fixture']:<14} {r['model']:<11} {clean:>13.4f} {r['trigger_success']:>11.1%} "
+              f"{r['trigger_score']:>9.4f} {r['random_score']:>9.4f} {r['auroc']:>6.3f} {cert:>10} "
+              f"{p_up:>9} {radius:>8} {audit:>8}")
+
+
+def figure(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = [r for r in rows if "trigger_scores" in r]
+    fig, axes = plt.subplots(1, len(scored), figsize=(3.2 * len(scored), 3.2), sharey=False, squeeze=False)
+    for ax, r in zip(axes[0], scored):
+        ax.hist(r["random_scores"], bins=15, alpha=0.6, label="random token")
+        ax.hist(r["trigger_scores"], bins=15, alpha=0.6, label="trigger")
+        ax.set_title(f"{r['fixture']} / {r['model']}\nAUROC {r['auroc']:.3f}", fontsize=9)
+        ax.set_xlabel("DIS (embedding shift per token)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kinds", nargs="+", default=["text", "edit"], choices=list(BUILDERS))
+    parser.add_argument("--denoiser", action="store_true", help="add the denoiser rows (7b's detection_rows)")
+    parser.add_argument("--cache", type=Path, default=Path("benchmarks/out/fixtures"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompts", type=int, default=40, help="held-out prompts for the AUROC")
+    parser.add_argument("--samples", type=int, default=8, help="perturbations per prompt and DIS")
+    parser.add_argument("--certify", action="store_true", help="run CMAV certify (full MiniLM CROWN: slow)")
+    parser.add_argument("--eps", type=float, default=1e-4)
+    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--cws-samples", type=int, default=0, dest="cws_samples")
+    parser.add_argument("--sigma", type=float, default=1e-3)
+    parser.add_argument("--no-audit", action="store_true", dest="no_audit")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/backdoor_detection.json"))
+    args = parser.parse_args(argv)
+    rows = [row for kind in args.kinds for row in text_rows(kind, args)]
+    if args.denoiser:
+        rows.extend(denoiser_rows(args))
+    print_table(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+    figure(rows, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
