@@ -20,8 +20,10 @@ score with a 95% confidence interval:
 
 Perturbations: trigger:TOKEN inserts TOKEN at a random word position; random
 inserts a random single-token vocabulary word (the matched-size control);
-substitution:W=a,b,c replaces the word W by one of a, b, c. A trigger whose DIS
-stands far above random's is a backdoor suspect.
+substitution:W=a,b,c replaces the word W by one of a, b, c (text encoders).
+Denoisers take trigger (the fixture's trigger row), trigger:K, random, random:R
+(see diverify.dis.denoiser). A trigger whose DIS stands far above random's is a
+backdoor suspect.
 """
 
 EPILOG = """\
@@ -30,7 +32,7 @@ examples:
   diverify dis --model FIXTURE/backdoored --prompt "a cat sleeping on a sofa" --perturbation random --samples 64
   diverify dis --model minilm --prompt "a dog in the park" --perturbation substitution:dog=cat,puppy \\
       --certify --layers 1 --json
-  diverify dis --model DENOISER_DIR --prompt 3 --perturbation substitution:3=8 --json
+  diverify dis --model DENOISER_FIXTURE/backdoored --prompt 3 --perturbation trigger --json
 """
 
 DENOISER_WEIGHTS = "diffusion_pytorch_model.safetensors"
