@@ -172,3 +172,125 @@ def substitution(base, positions, candidates) -> Substitution:
     k = max(c.shape[0] for c in candidates)
     padded = np.stack([np.concatenate([c, np.repeat(c[:1], k - c.shape[0], axis=0)]) for c in candidates])
     return Substitution(base=base, positions=jnp.asarray(positions), candidates=jnp.asarray(padded))
+
+
+_MATRIX_NORMS = ("inf", "fro", "nuclear")
+
+#: Relative padding of a float32 spectral norm (the SVD's singular values are
+#: accurate to a small multiple of ``n * eps_32 * ||A||_2``; 1e-4 covers n <= ~1000).
+_SPECTRAL_PADDING = 1e-4
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MatrixBall:
+    """A ball of matrices ``{center + D : ||D|| <= radius}`` (``center`` of shape ``(m, n)``) in a matrix norm.
+
+    ``norm``: ``"inf"`` (max entry), ``"fro"`` (Frobenius) or ``"nuclear"``
+    (sum of singular values). The nuclear ball of radius ``r`` is the convex
+    hull of the rank-one edits ``{u v^T : ||u||_2 ||v||_2 <= r}`` (the shape of
+    ROME / EvilEdit edits), so a linear bound valid on it is valid on every
+    rank-one edit of that size, and concretisation over the hull loses nothing.
+
+    Every entry satisfies ``|D_ij| <= radius`` in all three norms (the
+    interval). Concretisation is exact by norm duality,
+    ``min <A, center + D> = <A, center> - radius * ||A||_dual`` with duals
+    l_1 (entrywise), Frobenius and spectral. The spectral norm is computed by
+    an SVD in float32 and padded by the relative margin ``_SPECTRAL_PADDING``
+    times the Frobenius norm (an upper bound on the SVD's error).
+    """
+
+    center: Array
+    radius: Array
+    norm: str = dataclasses.field(metadata=dict(static=True), default="fro")
+
+    def interval(self) -> tuple[Array, Array]:
+        return self.center - self.radius, self.center + self.radius
+
+    def dual_norms(self, a: Array) -> Array:
+        """``||A_s||_dual`` for every row ``A_s`` of ``a`` (shape ``(S, m, n)``)."""
+        if self.norm == "inf":
+            return jnp.sum(jnp.abs(a), axis=(1, 2))
+        fro = jnp.sqrt(jnp.sum(a * a, axis=(1, 2)))
+        if self.norm == "fro":
+            return fro
+        spectral = jnp.linalg.norm(a, ord=2, axis=(1, 2))
+        return jnp.minimum(spectral + _SPECTRAL_PADDING * fro, fro)
+
+    def minimize_linear(self, a: Array) -> Array:
+        return _sum_rows(a * self.center) - self.radius * self.dual_norms(a)
+
+    def image_radius(self, x: Array) -> Array:
+        """Elementwise bound on ``|x (D)|`` over the ball, shape ``(L, n)`` for ``x`` of shape ``(L, m)``.
+
+        ``|x_l . D_j| <= ||x_l||_1 max|D_ij|`` (inf), ``<= ||x_l||_2 ||D_j||_2 <= ||x_l||_2 r``
+        (Frobenius, and nuclear since ``||D_j||_2 <= ||D||_2 <= ||D||_*``); all are attained.
+        """
+        per_row = jnp.sum(jnp.abs(x), -1) if self.norm == "inf" else jnp.sqrt(jnp.sum(x * x, -1))
+        return jnp.broadcast_to((self.radius * per_row)[:, None], (x.shape[0], self.center.shape[1]))
+
+
+def matrix_ball(center, radius, norm: str = "fro") -> MatrixBall:
+    """Build a :class:`MatrixBall` (``norm``: inf, fro or nuclear), checking the user's numbers."""
+    center = jnp.asarray(center, jnp.float32)
+    if center.ndim != 2:
+        raise DiverifyError(f"a matrix ball needs a 2-D centre, got shape {tuple(center.shape)}")
+    if norm not in _MATRIX_NORMS:
+        raise DiverifyError(f"matrix norm {norm!r} is not supported: use one of {', '.join(_MATRIX_NORMS)}")
+    r = float(np.asarray(radius))
+    if not np.isfinite(r) or r < 0:
+        raise DiverifyError(f"the radius must be finite and >= 0, got {radius}")
+    return MatrixBall(center=center, radius=jnp.asarray(r, jnp.float32), norm=norm)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DenseImage:
+    """The set ``{x @ D : D in ball}`` a fixed input ``x`` (shape ``(L, m)``) reaches through a matrix ball.
+
+    A layer ``y = x W + b`` whose input ``x`` does not depend on the edit
+    ``W -> W + D`` moves its output by ``x D``; this set is *exactly* the set
+    of those moves, so bounding a model over it (as a term added to the
+    layer's output) is the same problem as bounding it over the edits, with
+    ``L * n`` instead of ``m * n`` perturbed coordinates.
+
+    ``min <B, x D> = min <x^T B, D>`` is the ball's own concretisation. For
+    the Frobenius and nuclear balls, ``x^T = Q R`` (thin QR, ``Q`` with
+    orthonormal columns) gives ``||x^T B|| = ||R B||`` (both norms are
+    invariant under ``Q``), an ``(L, n)`` instead of an ``(m, n)`` problem per
+    row; the float32 QR's error (backward stable: ``||x^T - QR|| <= c m eps ||x||``)
+    is covered by padding the dual norm with ``1e-4 ||x||_F ||B||_F``.
+    Build it with :func:`dense_image`.
+    """
+
+    ball: MatrixBall
+    x: Array
+    r_factor: Array
+
+    @property
+    def center(self) -> Array:
+        return self.x @ self.ball.center
+
+    def interval(self) -> tuple[Array, Array]:
+        r = self.ball.image_radius(self.x)
+        return self.center - r, self.center + r
+
+    def minimize_linear(self, a: Array) -> Array:
+        if self.ball.norm == "inf":
+            return jax.lax.map(lambda b: self.ball.minimize_linear(jnp.einsum("lo,li->io", b, self.x)[None])[0],
+                               a, batch_size=16)
+        reduced = jnp.einsum("slo,kl->sko", a, self.r_factor)
+        b_fro = jnp.sqrt(jnp.sum(a * a, axis=(1, 2)))
+        pad = _SPECTRAL_PADDING * jnp.sqrt(jnp.sum(self.x * self.x)) * b_fro
+        dual = self.ball.dual_norms(reduced) + pad
+        return _sum_rows(a * self.center) - self.ball.radius * dual
+
+
+def dense_image(x, ball: MatrixBall) -> DenseImage:
+    """The :class:`DenseImage` of ``ball`` through the fixed layer input ``x`` (shape ``(L, m)``)."""
+    x = jnp.asarray(x, jnp.float32)
+    if x.ndim != 2 or x.shape[1] != ball.center.shape[0]:
+        raise DiverifyError(f"layer input of shape {tuple(x.shape)} does not fit a matrix of shape "
+                            f"{tuple(ball.center.shape)}")
+    _, r_factor = jnp.linalg.qr(x.T, mode="reduced")
+    return DenseImage(ball=ball, x=x, r_factor=r_factor)
