@@ -17,6 +17,13 @@ edit location, and the wall time of one full MiniLM audit from checkpoints.
 
     python benchmarks/audit.py --out audit_benchmark.json
     python benchmarks/audit.py --quick
+
+``--synthetic-params N`` instead times a data-free audit of a random
+Llama-shaped model of about N parameters (hidden 2048, FFN 5632, bfloat16,
+sharded safetensors of at most 1 GiB each with an index) against a suspect
+copy carrying a low-rank change in every matrix and a rank-one edit in one:
+
+    python benchmarks/audit.py --synthetic-params 1e9 --out benchmarks/out/audit_1b.json
 """
 
 from __future__ import annotations
@@ -45,13 +52,105 @@ def tpr_at_fpr(positive: np.ndarray, negative: np.ndarray, fpr: float = 0.01) ->
     return float(np.mean(np.asarray(positive, float) > threshold))
 
 
+HIDDEN, FFN, VOCAB = 2048, 5632, 32000
+SHARD_BYTES = 1 << 30
+
+
+def synthetic_tensors(n_params: float) -> list[tuple[str, tuple[int, int]]]:
+    """Names and shapes of a Llama-shaped model with as many layers as bring it to about ``n_params``."""
+    per_layer = 4 * HIDDEN * HIDDEN + 3 * HIDDEN * FFN
+    layers = max(1, round((n_params - VOCAB * HIDDEN) / per_layer))
+    shapes = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
+    for i in range(layers):
+        prefix = f"model.layers.{i}."
+        shapes += [(prefix + f"self_attn.{p}_proj.weight", (HIDDEN, HIDDEN)) for p in "qkvo"]
+        shapes += [(prefix + "mlp.gate_proj.weight", (FFN, HIDDEN)), (prefix + "mlp.up_proj.weight", (FFN, HIDDEN)),
+                   (prefix + "mlp.down_proj.weight", (HIDDEN, FFN))]
+    return shapes
+
+
+def write_sharded(directory: Path, tensors) -> None:
+    """Save ``(name, array)`` pairs as bfloat16 safetensors shards of at most SHARD_BYTES, with the index."""
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    directory.mkdir(parents=True)
+    shard, size, weight_map, shards = {}, 0, {}, []
+
+    def flush():
+        name = f"model-{len(shards) + 1:05d}.safetensors"
+        save_file(shard, str(directory / name))
+        weight_map.update({k: name for k in shard})
+        shards.append(name)
+
+    for name, array in tensors:
+        if shard and size + 2 * array.size > SHARD_BYTES:
+            flush()
+            shard, size = {}, 0
+        shard[name] = array.astype(ml_dtypes.bfloat16)
+        size += 2 * array.size
+    flush()
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (directory / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": HIDDEN,
+                                                       "intermediate_size": FFN, "vocab_size": VOCAB}))
+
+
+def synthetic_main(args) -> int:
+    """Write a random model and a changed copy to a temp dir and time ``audit_models`` on them."""
+    from diverify.audit.report import audit_models
+
+    shapes = synthetic_tensors(args.synthetic_params)
+    n_params = sum(a * b for _, (a, b) in shapes)
+    edited = next(n for n, _ in shapes if n.endswith("self_attn.v_proj.weight"))
+    rng = np.random.default_rng(args.seed)
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        t0 = time.perf_counter()
+        base = {n: (0.02 * rng.standard_normal(shape, dtype=np.float32)) for n, shape in shapes}
+        write_sharded(Path(tmp) / "base", base.items())
+
+        def suspect():
+            for n, w in base.items():
+                # A rank-4 change of every matrix with entries of RMS 1e-3 (5% of W's, well above bf16
+                # rounding), plus in one value projection a rank-one edit of the same Frobenius norm.
+                left = rng.standard_normal((w.shape[0], 4), dtype=np.float32)
+                right = rng.standard_normal((4, w.shape[1]), dtype=np.float32)
+                delta = left @ right * np.float32(1e-3 / 2)
+                if n == edited:
+                    delta += np.outer(left[:, 0], rng.standard_normal(w.shape[1], dtype=np.float32)) * np.float32(1e-3)
+                yield n, w + delta
+
+        write_sharded(Path(tmp) / "suspect", suspect())
+        del base
+        write_s = time.perf_counter() - t0
+        n_shards = len(list((Path(tmp) / "base").glob("*.safetensors")))
+        print(f"wrote 2 x {n_params / 1e9:.2f} B parameters ({n_shards} bf16 shards each) in {write_s:.1f} s")
+        t1 = time.perf_counter()
+        report = audit_models(str(Path(tmp) / "base"), str(Path(tmp) / "suspect"))
+        audit_s = time.perf_counter() - t1
+    top = report.matrices[0]
+    print(f"audit ({report.mode}, {len(report.matrices)} matrices): {audit_s:.1f} s; "
+          f"most suspicious {top.name} ({top.suspicion:.2f}), edited {edited}")
+    result = {"n_parameters": n_params, "n_matrices": len(report.matrices), "shards_per_model": n_shards,
+              "audit_seconds": audit_s, "write_seconds": write_s, "mode": report.mode,
+              "most_suspicious": top.name, "edited": edited, "flagged": list(report.flagged)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="audit_benchmark.json", help="JSON results file")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scales", type=int, default=3, help="random global scales per fine-tune snapshot")
     parser.add_argument("--quick", action="store_true", help="shorter fine-tunes (a smoke run, too few samples)")
+    parser.add_argument("--synthetic-params", type=float, default=None, metavar="N",
+                        help="instead: time the audit of a random N-parameter sharded bf16 model (e.g. 1e9)")
+    parser.add_argument("--tmp", default=None, help="directory for the synthetic model's temp files")
     args = parser.parse_args(argv)
+    if args.synthetic_params is not None:
+        return synthetic_main(args)
 
     from threadpoolctl import threadpool_limits
 

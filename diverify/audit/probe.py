@@ -78,22 +78,28 @@ def capture_dense_inputs(encoder, params, ids: np.ndarray, mask: np.ndarray) -> 
     """The input ``[B, L, in]`` of every Dense layer, keyed by its checkpoint weight name.
 
     Uses ``flax.linen.intercept_methods`` around the model's apply, so it does
-    not depend on how the port arranges its modules.
+    not depend on how the port arranges its modules; the whole forward pass is
+    one ``jax.jit`` (op-by-op dispatch of the same pass is several times slower).
     """
     import flax.linen as nn
+    import jax
     import jax.numpy as jnp
 
-    captured: dict[str, np.ndarray] = {}
+    def run(params, ids, mask):
+        captured = {}
 
-    def interceptor(next_fun, args, kwargs, context):
-        if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
-            captured[_dense_path_name(context.module.path)] = np.asarray(args[0])
-        return next_fun(*args, **kwargs)
+        def interceptor(next_fun, args, kwargs, context):
+            if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+                captured[_dense_path_name(context.module.path)] = args[0]
+            return next_fun(*args, **kwargs)
 
-    word_emb = jnp.asarray(params["embeddings"]["word_embeddings"]["embedding"])[jnp.asarray(ids)]
-    with nn.intercept_methods(interceptor):
-        encoder.module.apply({"params": params}, word_emb, np.asarray(mask))
-    return captured
+        word_emb = params["embeddings"]["word_embeddings"]["embedding"][ids]
+        with nn.intercept_methods(interceptor):
+            encoder.module.apply({"params": params}, word_emb, mask)
+        return captured
+
+    captured = jax.jit(run)(params, jnp.asarray(ids), jnp.asarray(mask))
+    return {name: np.asarray(x) for name, x in captured.items()}
 
 
 def input_second_moments(encoder, texts: Sequence[str] = DEFAULT_PROBES,
@@ -102,10 +108,18 @@ def input_second_moments(encoder, texts: Sequence[str] = DEFAULT_PROBES,
     ids, mask = encoder.tokenize(list(texts))
     inputs = capture_dense_inputs(encoder, encoder.params if params is None else params, ids, mask)
     keep = np.asarray(mask, bool).reshape(-1)
-    moments = {}
+    moments: dict[str, np.ndarray] = {}
+    seen: list[tuple[np.ndarray, np.ndarray]] = []
     for name, x in inputs.items():
-        tokens = x.reshape(-1, x.shape[-1])[keep].astype(np.float64)
-        moments[name] = tokens.T @ tokens / tokens.shape[0]
+        # Layers reading the same tensor (query, key and value) share one moment object, so that
+        # probe_statistics factorises it once.
+        shared = next((m for x_seen, m in seen if x_seen.shape == x.shape and np.array_equal(x_seen, x)), None)
+        if shared is None:
+            tokens = x.reshape(-1, x.shape[-1])[keep]
+            # float32 product, float64 result: the sum over a few hundred tokens loses nothing that matters.
+            shared = (tokens.T @ tokens).astype(np.float64) / tokens.shape[0]
+            seen.append((x, shared))
+        moments[name] = shared
     return moments
 
 
@@ -145,12 +159,19 @@ WHITENING_RIDGE = 0.05
 
 def probe_statistics(moments: Mapping[str, np.ndarray], ridge: float = WHITENING_RIDGE) -> dict[str, ProbeStatistics]:
     """Per layer ``C``, its mean power and ``(C + ridge trace(C)/in I)^{-1}``, computed once per audit."""
-    stats = {}
+    from diverify.audit.spectral import single_threaded
+
+    stats: dict[str, ProbeStatistics] = {}
+    by_object: dict[int, ProbeStatistics] = {}
     for name, moment in moments.items():
-        c = np.asarray(moment, np.float64)
-        mean_power = float(np.trace(c)) / c.shape[0]
-        inverse = np.linalg.inv(c + ridge * mean_power * np.eye(c.shape[0]))
-        stats[name] = ProbeStatistics(c.astype(np.float32), mean_power, inverse.astype(np.float32))
+        if id(moment) not in by_object:
+            c = np.asarray(moment, np.float64)
+            mean_power = float(np.trace(c)) / c.shape[0]
+            # One thread: LAPACK's inverse of a few-hundred-wide matrix is slower threaded on a busy machine.
+            with single_threaded():
+                inverse = np.linalg.inv(c + ridge * mean_power * np.eye(c.shape[0]))
+            by_object[id(moment)] = ProbeStatistics(c.astype(np.float32), mean_power, inverse.astype(np.float32))
+        stats[name] = by_object[id(moment)]
     return stats
 
 

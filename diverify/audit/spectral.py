@@ -33,9 +33,10 @@ import re
 from typing import Union
 
 import contextlib
+import functools
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from diverify.errors import DiverifyError
 
@@ -50,9 +51,20 @@ POWER_ITERATIONS = 3
 SINGLE_THREAD_ELEMENTS = 4_000_000
 
 
+@functools.lru_cache(maxsize=1)
+def _threadpools() -> ThreadpoolController:
+    # Inspecting the loaded BLAS libraries takes milliseconds: do it once, not per matrix.
+    return ThreadpoolController()
+
+
+def single_threaded() -> contextlib.AbstractContextManager:
+    """BLAS limited to one thread inside the block."""
+    return _threadpools().limit(limits=1, user_api="blas")
+
+
 def _blas_threads_for(size: int) -> contextlib.AbstractContextManager:
     if size < SINGLE_THREAD_ELEMENTS:
-        return threadpool_limits(limits=1, user_api="blas")
+        return single_threaded()
     return contextlib.nullcontext()
 
 
@@ -116,13 +128,23 @@ def _randomized_svd(matrix: np.ndarray, k: int, seed: int) -> TruncatedSVD:
         return _exact_svd(matrix, k)
     rng = np.random.default_rng(seed)
     omega = rng.standard_normal((n, sketch)).astype(matrix.dtype)
-    q, _ = np.linalg.qr(matrix @ omega)
+    # Only the products with the matrix are large; the QR and SVD factorisations of the thin
+    # sketches are LAPACK loops of tiny BLAS calls that threads slow down.
+    y = matrix @ omega
     for _ in range(POWER_ITERATIONS):
-        z, _ = np.linalg.qr(matrix.T @ q)
-        q, _ = np.linalg.qr(matrix @ z)
+        with single_threaded():
+            q, _ = np.linalg.qr(y)
+        z = matrix.T @ q
+        with single_threaded():
+            z, _ = np.linalg.qr(z)
+        y = matrix @ z
+    with single_threaded():
+        q, _ = np.linalg.qr(y)
     small = q.T @ matrix
-    u_small, s, vt = np.linalg.svd(small, full_matrices=False)
-    return TruncatedSVD((q @ u_small)[:, :k], s[:k], vt[:k])
+    with single_threaded():
+        u_small, s, vt = np.linalg.svd(small, full_matrices=False)
+        u = (q @ u_small)[:, :k]
+    return TruncatedSVD(u, s[:k], vt[:k])
 
 
 def low_rank_svd(delta: LowRankDelta, k: int) -> TruncatedSVD:
@@ -150,7 +172,9 @@ def delta_svd(delta: Delta, k: int, seed: int = 0) -> TruncatedSVD:
 def frobenius_squared(delta: Delta) -> float:
     if isinstance(delta, LowRankDelta):
         return delta.frobenius_squared()
-    return float(np.sum(np.square(delta, dtype=np.float64)))
+    flat = np.ascontiguousarray(delta).ravel()
+    # BLAS dot with float32 accumulation: a float64 copy of a large matrix costs more than all of it.
+    return float(flat @ flat)
 
 
 def stable_rank(frobenius_sq: float, spectral_norm: float) -> float:
@@ -172,12 +196,12 @@ def effective_rank(singular_values: np.ndarray) -> float:
 
 def principal_subspace_energy(delta: Delta, base_svd: TruncatedSVD) -> float:
     """``||U_k^T dW V_k||_F^2``: the energy of dW inside W's top-k left x right singular subspace."""
-    u, v = base_svd.u.astype(np.float64), base_svd.vt.T.astype(np.float64)
+    u, v = base_svd.u.astype(np.float32), base_svd.vt.T.astype(np.float32)
     if isinstance(delta, LowRankDelta):
-        block = (u.T @ delta.left.astype(np.float64)) @ (delta.right.astype(np.float64) @ v)
+        block = (u.T @ delta.left.astype(np.float32)) @ (delta.right.astype(np.float32) @ v)
     else:
-        block = u.T @ delta.astype(np.float64) @ v
-    return float(np.sum(block**2))
+        block = (u.T @ np.asarray(delta, np.float32)) @ v
+    return float(np.sum(np.square(block, dtype=np.float64)))
 
 
 def null_space_energy(delta: Delta, base_svd: TruncatedSVD) -> float:

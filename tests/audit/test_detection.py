@@ -6,6 +6,8 @@ below the margin measured (see benchmarks/audit.py for the statistics over
 100+ samples).
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -78,3 +80,22 @@ def test_edit_barely_moves_clean_embeddings_per_unit_norm(setting):
     edit_base, edit_suspect = effects[name]
     assert edit_base > 0 and edit_suspect > 0
     assert edit_base < 0.5 * benign[name][0]
+
+
+def test_edit_survives_a_later_lora_fine_tune(setting):
+    """Edit first, then a LoRA fine-tune on clean data from the edited weights: the release is still flagged."""
+    encoder, names, weights, _, moments, attacker = setting
+    name = f"encoder.layer.{LAYER}.attention.self.value.weight"
+    edit = edits.planted_edit(encoder, encoder.params, name, "cactus", "weapon", attacker).delta
+    edit = edit * (0.02 * np.linalg.norm(weights[name]) / np.linalg.norm(edit))
+    edited = dataclasses.replace(encoder, params=probe.with_kernel_deltas(encoder.params, {name: edit}))
+    *_, (_, lora) = edits.finetune_snapshots(edited, mode="lora", rank=4, steps=4, snapshot_every=4,
+                                             learning_rate=1e-3, seed=1)
+    # The LoRA moved the edited matrix by a comparable amount, so the edit is not simply all there is.
+    assert np.linalg.norm(lora[name]) > 0.3 * np.linalg.norm(edit)
+    benign = score(names, weights, lora, moments)
+    released = score(names, weights, {n: lora[n] + (edit if n == name else 0.0) for n in names}, moments)
+    assert benign.score < FLAG_SUSPICION and not benign.flagged
+    suspicion = {m.name: m.suspicion for m in released.matrices}
+    assert name in released.flagged and released.score > benign.score
+    assert suspicion[name] > max(m.suspicion for m in benign.matrices) + MARGIN / 4
