@@ -331,7 +331,8 @@ def detection_rows(out: Path, samples: int = 16, randoms: int = 3, seed: int = 0
             rand = [denoiser_dis(model_dir, str(p), "random", samples, seed + 1 + j, steps).dis
                     for p in prompts for j in range(randoms)]
             row.update(score="DIS sqrt(2KL)/dist", trigger_score=float(np.median(trig)),
-                       random_score=float(np.median(rand)), auroc=auroc(np.array(trig), np.array(rand)))
+                       random_score=float(np.median(rand)), auroc=auroc(np.array(trig), np.array(rand)),
+                       trigger_scores=trig, random_scores=rand)
         else:
             den = load_denoiser(model_dir)
             labels = np.repeat(np.array(prompts, np.int32), max(1, samples // len(prompts)))
@@ -346,6 +347,7 @@ def detection_rows(out: Path, samples: int = 16, randoms: int = 3, seed: int = 0
             rand = np.concatenate(rand)
             row.update(score="x_T sensitivity ||dx_0||/||dx_T||", trigger_score=float(np.median(trig)),
                        random_score=float(np.median(rand)), auroc=auroc(trig, rand),
+                       trigger_scores=trig.tolist(), random_scores=rand.tolist(),
                        kl_bound_any_model=float(np.sum(r.astype(np.float64) ** 2) / 2))
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
