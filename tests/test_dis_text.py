@@ -12,6 +12,8 @@ from diverify.models import load_text_encoder
 from tests.test_backdoor_text import write_tokenized_bert
 
 PROMPT = "an old dog sleeping on a sofa"
+#: A short prompt for the certified bound: CROWN's cost grows with the sequence length.
+SHORT = "a dog"
 #: Substitutes planted within 1e-3 of "dog"'s word embedding, so that an l2 ball around it contains them
 #: at a radius the bound engine certifies.
 NEAR = ("puppy", "kitten")
@@ -83,13 +85,13 @@ def _unit(encoder, we, ids, mask):
 def test_certified_substitution_bound_is_sound(encoder):
     import jax
 
-    r = dis_text.text_dis(encoder, PROMPT, f"substitution:dog={','.join(NEAR)}", samples=8, certify=True)
+    r = dis_text.text_dis(encoder, SHORT, f"substitution:dog={','.join(NEAR)}", samples=8, certify=True)
     assert r.certified_upper is not None and np.isfinite(r.certified_upper)
     assert max(r.details["shifts"]) <= r.certified_upper + 1e-7
     radius, bound = r.details["certified_radius"], r.details["certified_shift"]
-    ids, mask = encoder.tokenize([PROMPT])
+    ids, mask = encoder.tokenize([SHORT])
     we = np.asarray(encoder.word_embeddings(ids))
-    pos = 3  # [CLS] an old dog
+    pos = 2  # [CLS] a dog
     e0 = _unit(encoder, we, ids, mask)
     rng = np.random.default_rng(1)
     directions = [rng.standard_normal(we.shape[-1]) for _ in range(64)]
