@@ -31,7 +31,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from diverify.bounds import elementwise, forward, relaxations
+from diverify.bounds import elementwise, forward, relaxations, zonotope
 from diverify.bounds.graph import Const, Graph, Node
 from diverify.bounds.interval import intersect, node_interval
 from diverify.bounds.ops import kind, linear_offset, linear_part
@@ -188,11 +188,14 @@ def intermediate_bounds(graph: Graph, input_sets, method: str = "crown"):
     CROWN pass of its own, which uses the relaxations of the nodes before it;
     the two intervals are intersected (both are sound, so the intersection
     is). ``method="ibp"`` keeps the IBP intervals (CROWN-IBP);
-    ``method="forward"`` takes forward linear bounds (:mod:`diverify.bounds.forward`).
+    ``method="forward"`` takes forward linear bounds (:mod:`diverify.bounds.forward`),
+    ``method="zonotope"`` zonotope bounds (:mod:`diverify.bounds.zonotope`).
     """
     if method == "forward":
         env, flags, _ = forward.propagate(graph, input_sets)
         return env, flags
+    if method == "zonotope":
+        return zonotope.propagate(graph, input_sets)
     env = dict(zip(graph.inputs, [s.interval() for s in input_sets]))
     needed = needs_bounds(graph) if method == "crown" else set()
     flags = []

@@ -16,8 +16,8 @@ from diverify.specs import lp_ball
 from tests.bounds.sampling import check_sound
 
 #: Every op under the three method families; the other methods on the ops that stress them most.
-METHODS = ["ibp", "crown-forward", "crown"]
-EXTRA_METHODS = ["forward", "crown-ibp", "alpha-crown"]
+METHODS = ["ibp", "zonotope", "crown-forward", "crown"]
+EXTRA_METHODS = ["forward", "crown-ibp", "crown-zonotope", "alpha-crown"]
 STRESS_OPS = ["attention", "layernorm", "gelu_erf", "division"]
 
 _k = jax.random.split(jax.random.PRNGKey(42), 8)
@@ -73,7 +73,7 @@ def test_bound_contains_samples(name, method):
 
 
 @pytest.mark.parametrize("p", [2.0, 1.0])
-@pytest.mark.parametrize("method", ["ibp", "forward", "crown"])
+@pytest.mark.parametrize("method", ["ibp", "forward", "zonotope", "crown"])
 def test_lp_balls_on_one_row(p, method):
     fn = CASES["attention"][0]
     x0 = jax.random.normal(jax.random.PRNGKey(3), (3, 6)) * 0.5

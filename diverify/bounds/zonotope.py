@@ -1,0 +1,268 @@
+"""Zonotope bound propagation: relaxation errors as fresh symbols (DeepZ, Singh et al. 2018; DeepT, Bonaert et al. 2021).
+
+Every value ``v`` is carried forward as an affine function of *symbols* plus
+an interval slack::
+
+    v = offset + sum_b <T_b, s_b> + [slack_lo, slack_hi]
+
+The symbol blocks ``s_b`` are the perturbed inputs (``s_b = x_i`` in its input
+set) and *error blocks* (``s_b`` in ``[-1, 1]^n``, one fresh block per
+relaxation). Affine nodes map every ``T_b`` exactly through JAX's own linear
+map of the primitive; nonlinear nodes keep a middle slope and put their
+remainder into the slack (as :mod:`diverify.bounds.forward` does). The
+difference from symbolic intervals is what happens next: the slack of every
+value of at most :data:`FRESH_LIMIT` elements becomes a fresh error block
+``diag(radius)`` right away, so that the later linear layers map it with its
+signs (``W diag(r)``) instead of through ``|W|``, and the residual branches,
+LayerNorm's mean subtraction and the products of two values that share
+an error keep their cancellations. Larger nodes (the FFN's GELU) keep their
+slack through one linear map and become a fresh block at its (smaller)
+output.
+
+The number of error symbols is capped: when a value carries more than
+:data:`SYMBOL_BUDGET` of them, they are boxed (``|T_b|`` summed into the
+slack) and replaced by one fresh block of the value's size. Boxing only
+forgets correlations, so the result stays sound.
+
+Elements whose interval is a single point (tokens the perturbation has not
+reached yet) are evaluated exactly instead of relaxed: no float32 padding
+enters there.
+
+Concretising: input blocks ask their input set for ``min/max <T, x>``;
+error blocks give ``+-sum |T|``. Sound in exact arithmetic; the relaxations'
+float32 padding (:mod:`diverify.bounds.relaxations`) covers their rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from diverify.bounds import elementwise
+from diverify.bounds.graph import Const, Graph, Node
+from diverify.bounds.interval import intersect, node_interval
+from diverify.bounds.ops import kind, linear_part, linear_radius
+
+#: Nodes of at most this many elements turn their slack into fresh error symbols at once.
+FRESH_LIMIT = 4096
+#: A value carrying more error symbols than this has them boxed into one fresh block.
+SYMBOL_BUDGET = 6144
+
+
+@dataclasses.dataclass(frozen=True)
+class Zonotope:
+    """``v = offset + sum_b <terms[b], s_b> + [slack_lo, slack_hi]``; ``terms[b]``
+    has shape ``block_shape[b] + v.shape``."""
+
+    terms: dict
+    offset: jax.Array
+    slack_lo: jax.Array
+    slack_hi: jax.Array
+    has_slack: bool = True
+
+
+@dataclasses.dataclass
+class _Blocks:
+    """The symbol blocks of one propagation: shapes, and input sets for input blocks."""
+
+    shapes: dict
+    sets: dict
+    count: int = 0
+
+    def new(self, shape, input_set=None) -> int:
+        b = self.count
+        self.count += 1
+        self.shapes[b] = tuple(shape)
+        if input_set is not None:
+            self.sets[b] = input_set
+        return b
+
+    def is_error(self, b) -> bool:
+        return b not in self.sets
+
+
+def concretise(v: Zonotope, blocks: _Blocks):
+    """Elementwise ``[min, max]`` of ``v`` over all its symbols."""
+    lo, hi = v.offset + v.slack_lo, v.offset + v.slack_hi
+    for b, t in v.terms.items():
+        shape = blocks.shapes[b]
+        vshape = t.shape[len(shape):]
+        if blocks.is_error(b):
+            r = jnp.sum(jnp.abs(t).reshape((-1,) + vshape), axis=0)
+            lo, hi = lo - r, hi + r
+            continue
+        s = blocks.sets[b]
+        rows = jnp.moveaxis(t.reshape(shape + (-1,)), -1, 0)
+        lo = lo + s.minimize_linear(rows).reshape(vshape)
+        hi = hi - s.minimize_linear(-rows).reshape(vshape)
+    return lo, hi
+
+
+def _map_block(f, terms, block_shape, in_avals):
+    """``f`` (linear, several operands) applied to every symbol of one block."""
+    n = len(block_shape)
+    flat = [jnp.zeros((1,) + tuple(av.shape)) if t is None else t.reshape((-1,) + t.shape[n:])
+            for t, av in zip(terms, in_avals)]
+    size = max(t.shape[0] for t in flat)
+    flat = [jnp.broadcast_to(t, (size,) + t.shape[1:]) for t in flat]
+    outs = jax.vmap(lambda *ts: f(*ts))(*flat)
+    return [o.reshape(tuple(block_shape) + o.shape[1:]) for o in outs]
+
+
+def _linear(node: Node, ins: list, blocks: _Blocks):
+    f = linear_part(node)
+    positions = node.bounded_inputs
+    bounded = [ins[i] for i in positions]
+    args = [v.value if isinstance(v, Const) else v.offset for v in ins]
+    offsets = node.evaluate(*args)
+    in_avals = [node.in_avals[p] for p in positions]
+    terms = [dict() for _ in node.outputs]
+    for b in sorted(set().union(*(z.terms.keys() for z in bounded))):
+        mapped = _map_block(f, [z.terms.get(b) for z in bounded], blocks.shapes[b], in_avals)
+        for k, m in enumerate(mapped):
+            terms[k][b] = m
+    centers = [(z.slack_lo + z.slack_hi) / 2 for z in bounded]
+    radii = [(z.slack_hi - z.slack_lo) / 2 for z in bounded]
+    slack_c = f(*centers)
+    slack_r = linear_radius(node, radii)
+    has = any(z.has_slack for z in bounded)
+    return [Zonotope(t, o, sc - sr, sc + sr, has) for t, o, sc, sr in zip(terms, offsets, slack_c, slack_r)]
+
+
+def _scale(terms, s):
+    return {b: t * s for b, t in terms.items()}
+
+
+def _unary(node: Node, x: Zonotope, bounds):
+    l, u = bounds
+    r = elementwise.linear_bounds(node, l, u)
+    s = (r.lower_slope + r.upper_slope) / 2
+    dl, dh = r.lower_slope - s, r.upper_slope - s
+    lo = jnp.minimum(dl * l, dl * u) + r.lower_intercept
+    hi = jnp.maximum(dh * l, dh * u) + r.upper_intercept
+    sl = jnp.minimum(s * x.slack_lo, s * x.slack_hi)
+    sh = jnp.maximum(s * x.slack_lo, s * x.slack_hi)
+    # A point interval is evaluated, not relaxed: exact up to f's own rounding.
+    point = l == u
+    exact = node.evaluate(jnp.where(point, l, 0.0))[0]
+    keep = jnp.where(point, 0.0, s)
+    zero = jnp.zeros_like(l)
+    return Zonotope(_scale(x.terms, keep), jnp.where(point, exact, s * x.offset),
+                    jnp.where(point, zero, sl + lo), jnp.where(point, zero, sh + hi))
+
+
+def _lift(t, block_shape, shape):
+    """Broadcast a term ``block_shape + v_shape`` to ``block_shape + shape``."""
+    n = len(block_shape)
+    v_shape = t.shape[n:]
+    t = t.reshape(tuple(block_shape) + (1,) * (len(shape) - len(v_shape)) + v_shape)
+    return jnp.broadcast_to(t, tuple(block_shape) + tuple(shape))
+
+
+def _add_terms(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, t in b.items():
+        out[k] = out[k] + t if k in out else t
+    return out
+
+
+def _product(node: Node, x: Zonotope, y: Zonotope, bx, by, blocks: _Blocks):
+    """``xy = c_y x + c_x y - c_x c_y + (x - c_x)(y - c_y)``, ``|(x - c_x)(y - c_y)| <= r_x r_y``."""
+    shape = node.out_avals[0].shape
+    cx, rx = (bx[0] + bx[1]) / 2, (bx[1] - bx[0]) / 2
+    cy, ry = (by[0] + by[1]) / 2, (by[1] - by[0]) / 2
+    tx = {b: _lift(t, blocks.shapes[b], shape) * cy for b, t in x.terms.items()}
+    ty = {b: _lift(t, blocks.shapes[b], shape) * cx for b, t in y.terms.items()}
+    offset = jnp.broadcast_to(cy * x.offset + cx * y.offset - cx * cy, shape)
+    xl, xh = jnp.minimum(cy * x.slack_lo, cy * x.slack_hi), jnp.maximum(cy * x.slack_lo, cy * x.slack_hi)
+    yl, yh = jnp.minimum(cx * y.slack_lo, cx * y.slack_hi), jnp.maximum(cx * y.slack_lo, cx * y.slack_hi)
+    rr = rx * ry
+    return Zonotope(_add_terms(tx, ty), offset, jnp.broadcast_to(xl + yl - rr, shape), jnp.broadcast_to(xh + yh + rr, shape))
+
+
+def _dot(node: Node, x: Zonotope, y: Zonotope, bx, by, blocks: _Blocks):
+    """``dot(x, y)`` around the interval centres, the second-order term in the slack."""
+    dot = lambda a, b: node.evaluate(a, b)[0]  # noqa: E731
+    cx, rx = (bx[0] + bx[1]) / 2, (bx[1] - bx[0]) / 2
+    cy, ry = (by[0] + by[1]) / 2, (by[1] - by[0]) / 2
+    terms: dict = {}
+    for b, t in x.terms.items():
+        n = len(blocks.shapes[b])
+        m = jax.vmap(lambda a: dot(a, cy))(t.reshape((-1,) + t.shape[n:]))
+        terms = _add_terms(terms, {b: m.reshape(blocks.shapes[b] + m.shape[1:])})
+    for b, t in y.terms.items():
+        n = len(blocks.shapes[b])
+        m = jax.vmap(lambda c: dot(cx, c))(t.reshape((-1,) + t.shape[n:]))
+        terms = _add_terms(terms, {b: m.reshape(blocks.shapes[b] + m.shape[1:])})
+    offset = dot(x.offset, cy) + dot(cx, y.offset) - dot(cx, cy)
+    sxc, sxr = (x.slack_lo + x.slack_hi) / 2, (x.slack_hi - x.slack_lo) / 2
+    syc, syr = (y.slack_lo + y.slack_hi) / 2, (y.slack_hi - y.slack_lo) / 2
+    c = dot(sxc, cy) + dot(cx, syc)
+    r = dot(sxr, jnp.abs(cy)) + dot(jnp.abs(cx), syr) + dot(rx, ry)
+    return Zonotope(terms, offset, c - r, c + r)
+
+
+def _error_symbols(v: Zonotope, blocks: _Blocks) -> int:
+    return sum(math.prod(blocks.shapes[b]) for b in v.terms if blocks.is_error(b))
+
+
+def _fresh(v: Zonotope, blocks: _Blocks) -> Zonotope:
+    """Box the error blocks when over budget, then turn the slack into a fresh block."""
+    shape = tuple(v.offset.shape)
+    n = math.prod(shape)
+    terms, lo, hi = dict(v.terms), v.slack_lo, v.slack_hi
+    if _error_symbols(v, blocks) > SYMBOL_BUDGET:
+        for b in [b for b in terms if blocks.is_error(b)]:
+            t = terms.pop(b)
+            r = jnp.sum(jnp.abs(t).reshape((-1,) + shape), axis=0)
+            lo, hi = lo - r, hi + r
+    if n > FRESH_LIMIT:
+        return Zonotope(terms, v.offset, lo, hi, True)
+    b = blocks.new(shape)
+    radius = (hi - lo) / 2
+    terms[b] = (jnp.eye(n, dtype=radius.dtype) * radius.reshape(-1)).reshape(shape + shape)
+    zero = jnp.zeros(shape, radius.dtype)
+    return Zonotope(terms, v.offset + (lo + hi) / 2, zero, zero, False)
+
+
+def propagate(graph: Graph, input_sets):
+    """Zonotope bounds of every value: returns (intervals id -> (l, u), domain flags)."""
+    blocks = _Blocks({}, {})
+    forms: dict = {}
+    env: dict = {}
+    for vid, s in zip(graph.inputs, input_sets):
+        shape = tuple(s.center.shape)
+        b = blocks.new(shape, s)
+        eye = jnp.eye(s.center.size, dtype=jnp.float32).reshape(shape + shape)
+        zero = jnp.zeros(shape, jnp.float32)
+        forms[vid] = Zonotope({b: eye}, zero, zero, zero, False)
+        env[vid] = s.interval()
+    flags = []
+    for node in graph.nodes:
+        ins_iv = [v if isinstance(v, Const) else env[v] for v in node.inputs]
+        outs_iv, ok = node_interval(node, ins_iv)
+        k = kind(node)
+        if k == "linear":
+            ins = [v if isinstance(v, Const) else forms[v] for v in node.inputs]
+            outs = _linear(node, ins, blocks)
+        elif k == "unary":
+            (x,) = node.inputs
+            outs = [_unary(node, forms[x], env[x])]
+            ok = jnp.all(elementwise.domain_ok(node, *env[x]))
+        elif k == "product":
+            x, y = node.inputs
+            outs = [_product(node, forms[x], forms[y], env[x], env[y], blocks)]
+        else:
+            x, y = node.inputs
+            outs = [_dot(node, forms[x], forms[y], env[x], env[y], blocks)]
+        flags.append(ok)
+        for vid, form, iv in zip(node.outputs, outs, outs_iv):
+            if form.has_slack or _error_symbols(form, blocks) > SYMBOL_BUDGET:
+                form = _fresh(form, blocks)
+            lo, hi = concretise(form, blocks)
+            forms[vid] = form
+            env[vid] = intersect((lo, hi), iv)
+    return env, flags
