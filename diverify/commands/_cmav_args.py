@@ -6,7 +6,8 @@ import argparse
 
 from diverify.errors import DiverifyError
 
-METHOD_HELP = ("bound method: ibp, forward, crown-ibp, crown-forward, crown (default) or alpha-crown "
+METHOD_HELP = ("bound method: ibp, forward, zonotope, crown-ibp, crown-forward, crown-zonotope, crown (default) "
+               "or alpha-crown "
                "(auto_LiRPA's names IBP, CROWN, CROWN-IBP, alpha-CROWN are accepted)")
 
 
