@@ -1,5 +1,6 @@
 """DIS for text encoders: estimator properties, the certified bound's soundness, CLI behaviour and errors."""
 
+import functools
 import json
 
 import numpy as np
@@ -12,7 +13,7 @@ from diverify.models import load_text_encoder
 from tests.test_backdoor_text import write_tokenized_bert
 
 PROMPT = "an old dog sleeping on a sofa"
-#: A short prompt for the certified bound: CROWN's cost grows with the sequence length.
+#: A short prompt for the certified bound: the bound's cost grows with the sequence length.
 SHORT = "a dog"
 #: Substitutes planted within 1e-3 of "dog"'s word embedding, so that an l2 ball around it contains them
 #: at a radius the bound engine certifies.
@@ -78,14 +79,22 @@ def test_mean_interval_covers_the_mean_at_the_stated_rate():
 
 
 def _unit(encoder, we, ids, mask):
-    e = np.asarray(encoder.pooled_from_word_embeddings(encoder.params, we, mask, ids))[0]
-    return e / np.linalg.norm(e)
+    return np.asarray(_jit_unit(encoder)(we, ids, mask))
+
+
+@functools.cache
+def _jit_unit(encoder):
+    # One compiled forward pass for all sampled points; eager dispatch per point dominated the test's time.
+    import jax
+
+    return jax.jit(lambda we, ids, mask: _jnp_unit(encoder, we, ids, mask))
 
 
 def test_certified_substitution_bound_is_sound(encoder):
     import jax
 
-    r = dis_text.text_dis(encoder, SHORT, f"substitution:dog={','.join(NEAR)}", samples=8, certify=True)
+    r = dis_text.text_dis(encoder, SHORT, f"substitution:dog={','.join(NEAR)}", samples=8, certify=True,
+                          method="zonotope")  # sound and far cheaper than CROWN on this 1-layer encoder
     assert r.certified_upper is not None and np.isfinite(r.certified_upper)
     assert max(r.details["shifts"]) <= r.certified_upper + 1e-7
     radius, bound = r.details["certified_radius"], r.details["certified_shift"]
