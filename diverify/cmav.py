@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import time
 from typing import Sequence
 
@@ -364,14 +365,27 @@ class RadiusResult:
     seconds: float
 
 
+#: The radius search spans this many decades below ``eps_max``.
+RADIUS_DECADES = 6.0
+
+
 def certified_radius(encoder, prompt: Prompt, positions: Sequence[int], concepts: Sequence[str], threshold: float,
                      norm: float = np.inf, method: str = "crown", eps_max: float = 0.1, steps: int = 12,
-                     seed: int = 0, progress=None) -> RadiusResult:
-    """Largest eps (bisection) at which every concept is certified, and the
-    smallest eps at which PGD finds a collision: the true robust radius lies
-    between them. The bound function is compiled once; eps is an input."""
+                     seed: int = 0, progress=None, concept_vectors=None) -> RadiusResult:
+    """Largest eps at which every concept is certified, and the smallest eps
+    at which PGD finds a collision: the true robust radius lies between them.
+
+    Both are bisected in log space over ``[eps_max * 1e-6, eps_max]`` (certified
+    radii of transformers span decades, so a linear bisection from ``eps_max``
+    would round them to 0); a radius below that range is reported as 0. The
+    bound function is compiled once; eps is an input. ``concept_vectors``
+    (one row per concept) replaces embedding ``concepts`` with the encoder."""
     t0 = time.perf_counter()
-    targets = concept_embeddings(encoder, concepts)
+    if concept_vectors is None:
+        targets = concept_embeddings(encoder, concepts)
+    else:
+        targets = jnp.asarray(concept_vectors, jnp.float32)
+        targets = targets / jnp.linalg.norm(targets, axis=-1, keepdims=True)
     fn = cosine_function(encoder, prompt, targets)
     ball = embedding_ball(encoder, prompt, positions, eps_max, norm)
     bf = compile_bounds(fn, ball, method=method)
@@ -387,13 +401,16 @@ def certified_radius(encoder, prompt: Prompt, positions: Sequence[int], concepts
         vals, _ = pgd_max(fn, dataclasses.replace(ball, eps=jnp.float32(eps)), jax.random.PRNGKey(seed))
         return bool(np.any(np.asarray(vals) >= threshold))
 
-    lo, hi = 0.0, eps_max
+    floor = eps_max * 10.0 ** -RADIUS_DECADES
+    lo, hi = floor, eps_max
     n = 0
     if is_certified(hi):
         lo = hi
+    elif not is_certified(floor):
+        lo = 0.0
     else:
         for _ in range(steps):
-            mid = (lo + hi) / 2
+            mid = math.sqrt(lo * hi)
             n += 1
             if is_certified(mid):
                 lo = mid
@@ -403,9 +420,9 @@ def certified_radius(encoder, prompt: Prompt, positions: Sequence[int], concepts
                 progress(n)
     attack_radius = None
     if collides(eps_max):
-        a_lo, a_hi = lo, eps_max
+        a_lo, a_hi = max(lo, floor), eps_max
         for _ in range(steps):
-            mid = (a_lo + a_hi) / 2
+            mid = math.sqrt(a_lo * a_hi)
             if collides(mid):
                 a_hi = mid
             else:

@@ -67,3 +67,23 @@ def test_bad_specifications_are_clear_errors(encoder):
         cmav.substitution_set(encoder, prompt, {1: []})
     with pytest.raises(DiverifyError, match="token ids must lie"):
         cmav.make_prompt(encoder, ids=[1, 10**6])
+
+
+def test_radius_brackets_the_truth_and_certifies_at_its_answer(encoder):
+    """The certified radius is certified, the attack radius is a real collision, and the first lies below the second."""
+    prompt = cmav.make_prompt(encoder, ids=IDS)
+    other = cmav.make_prompt(encoder, ids=[2, 9, 4, 3])
+    target = encoder.embed_ids(jnp.asarray(other.ids))
+    unit = target / jnp.linalg.norm(target)
+    clean = float(cmav.cosine_function(encoder, prompt, unit)(cmav.embedding_ball(encoder, prompt, [2], 0.0).center)[0])
+    tau = clean + 0.02
+    res = cmav.certified_radius(encoder, prompt, [2], ["other"], tau, method="crown-forward", eps_max=1.0, steps=4,
+                                concept_vectors=target)
+    assert 0.0 < res.certified_radius < 1.0
+    assert res.attack_radius is not None and res.certified_radius <= res.attack_radius
+    at_cert = cmav.certify(encoder, prompt, cmav.embedding_ball(encoder, prompt, [2], res.certified_radius), ["other"],
+                           tau, method="crown-forward", concept_vectors=target)
+    assert at_cert.certified
+    ball = cmav.embedding_ball(encoder, prompt, [2], res.attack_radius)
+    best, _ = cmav.pgd_max(cmav.cosine_function(encoder, prompt, unit), ball, jax.random.PRNGKey(0))
+    assert float(best[0]) >= tau
