@@ -67,6 +67,8 @@ def main(argv=None):
         enc = enc.with_layers(args.layers)
     targets = cmav.concept_embeddings(enc, CONCEPTS)
     rows = []
+    print(f"device: {jax.devices()[0].platform}   method: {args.method}   layers: {args.layers or 'all'}")
+    print(f"{'prompt':<28} {'concept':<14} {'clean':>6} {'certified':>10} {'attack':>10} {'ratio':>7}")
     for text in PROMPTS[: args.prompts]:
         prompt = cmav.make_prompt(enc, text)
         position = len(prompt.tokens) - 2  # the last word, before [SEP]
@@ -107,13 +109,11 @@ def main(argv=None):
                          "threshold": tau, "certified_radius": cert, "attack_radius": att,
                          "ratio": None if att is None else cert / att, "bound_search_seconds": bound_seconds,
                          "compile_seconds": compile_seconds, "seconds": time.perf_counter() - t0})
+            r = rows[-1]
+            att = "-" if r["attack_radius"] is None else f"{r['attack_radius']:.3g}"
+            ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3g}"
+            print(f"{text:<28} {concept:<14} {r['clean']:6.3f} {cert:10.3g} {att:>10} {ratio:>7}", flush=True)
     ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
-    print(f"device: {jax.devices()[0].platform}   method: {args.method}   layers: {args.layers or 'all'}")
-    print(f"{'prompt':<28} {'concept':<14} {'clean':>6} {'certified':>10} {'attack':>10} {'ratio':>7}")
-    for r in rows:
-        att = "-" if r["attack_radius"] is None else f"{r['attack_radius']:.3g}"
-        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3g}"
-        print(f"{r['prompt']:<28} {r['concept']:<14} {r['clean']:6.3f} {r['certified_radius']:10.3g} {att:>10} {ratio:>7}")
     summary = {"pairs": len(rows), "median_ratio": float(np.median(ratios)) if ratios else None,
                "geometric_mean_ratio": float(np.exp(np.mean(np.log(np.maximum(ratios, 1e-30))))) if ratios else None}
     print(f"median certified/attack ratio: {summary['median_ratio']}")
