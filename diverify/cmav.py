@@ -170,47 +170,67 @@ def concept_embeddings(encoder, concepts: Sequence[str]) -> jax.Array:
 # Attacks: lower bounds on the worst case, and witnesses of collisions.
 
 
-def pgd_max(fn, ball: LpBall, key, steps: int = 50, restarts: int = 4):
-    """Projected gradient ascent of each output of ``fn`` over ``ball``;
-    returns (best value per output, the maximising inputs)."""
-    n_out = jax.eval_shape(fn, ball.center).shape[0]
-    radius = ball.eps * ball.mask
+def pgd_attack(fn, steps: int = 50, restarts: int = 4):
+    """Projected gradient ascent of each output of ``fn`` over an l_p ball, compiled once.
 
-    def project(x):
-        d = (x - ball.center) * ball.mask
-        if ball.p == np.inf:
-            d = jnp.clip(d, -radius, radius)
-        else:
-            order = 2 if ball.p == 2.0 else 1
-            nrm = jnp.linalg.norm(d, ord=order, axis=-1, keepdims=True) if order == 2 else jnp.sum(jnp.abs(d), -1, keepdims=True)
-            d = d * jnp.minimum(1.0, ball.eps / jnp.maximum(nrm, 1e-30))
-        return ball.center + d
+    Returns a jitted ``attack(ball, key) -> (best value per output, the maximising
+    inputs)``. The ball's centre, radius and mask are traced data (only its shapes
+    and norm are static), so a search over eps (:func:`certified_radius`) runs one
+    executable per ball shape instead of recompiling at every radius. Each output
+    gets ``restarts`` random starts and ``steps`` signed-gradient (l_inf) or
+    normalised-gradient (l_1, l_2) steps of size ``2.5 eps / steps``; the best
+    point seen is kept. A lower bound on the maximum, never a certificate.
+    """
 
-    def ascend(k, start_key):
-        grad = jax.grad(lambda x: fn(x)[k])
-        x0 = project(ball.center + radius * jax.random.uniform(start_key, ball.center.shape, minval=-1, maxval=1))
-        step = 2.5 * jnp.maximum(ball.eps, 1e-12) / steps
+    @jax.jit
+    def attack(ball: LpBall, key):
+        n_out = jax.eval_shape(fn, ball.center).shape[0]
+        radius = ball.eps * ball.mask
 
-        def body(_, carry):
-            x, best_x, best = carry
-            g = grad(x)
+        def project(x):
+            d = (x - ball.center) * ball.mask
             if ball.p == np.inf:
-                direction = jnp.sign(g)
+                d = jnp.clip(d, -radius, radius)
             else:
-                direction = g / jnp.maximum(jnp.linalg.norm(g * ball.mask, axis=-1, keepdims=True), 1e-30)
-            x = project(x + step * direction * ball.mask)
-            val = fn(x)[k]
-            better = val > best
-            return x, jnp.where(better, x, best_x), jnp.where(better, val, best)
+                if ball.p == 2.0:
+                    nrm = jnp.linalg.norm(d, axis=-1, keepdims=True)
+                else:
+                    nrm = jnp.sum(jnp.abs(d), -1, keepdims=True)
+                d = d * jnp.minimum(1.0, ball.eps / jnp.maximum(nrm, 1e-30))
+            return ball.center + d
 
-        _, best_x, best = jax.lax.fori_loop(0, steps, body, (x0, x0, fn(x0)[k]))
-        return best, best_x
+        def ascend(k, start_key):
+            grad = jax.grad(lambda x: fn(x)[k])
+            x0 = project(ball.center + radius * jax.random.uniform(start_key, ball.center.shape, minval=-1, maxval=1))
+            step = 2.5 * jnp.maximum(ball.eps, 1e-12) / steps
 
-    keys = jax.random.split(key, restarts)
-    run = jax.jit(jax.vmap(jax.vmap(ascend, in_axes=(None, 0)), in_axes=(0, None)))
-    vals, xs = run(jnp.arange(n_out), keys)  # (n_out, restarts)
-    best = jnp.argmax(vals, axis=1)
-    return vals[jnp.arange(n_out), best], xs[jnp.arange(n_out), best]
+            def body(_, carry):
+                x, best_x, best = carry
+                g = grad(x)
+                if ball.p == np.inf:
+                    direction = jnp.sign(g)
+                else:
+                    direction = g / jnp.maximum(jnp.linalg.norm(g * ball.mask, axis=-1, keepdims=True), 1e-30)
+                x = project(x + step * direction * ball.mask)
+                val = fn(x)[k]
+                better = val > best
+                return x, jnp.where(better, x, best_x), jnp.where(better, val, best)
+
+            _, best_x, best = jax.lax.fori_loop(0, steps, body, (x0, x0, fn(x0)[k]))
+            return best, best_x
+
+        keys = jax.random.split(key, restarts)
+        vals, xs = jax.vmap(jax.vmap(ascend, in_axes=(None, 0)), in_axes=(0, None))(jnp.arange(n_out), keys)
+        best = jnp.argmax(vals, axis=1)  # (n_out, restarts) -> the best restart per output
+        return vals[jnp.arange(n_out), best], xs[jnp.arange(n_out), best]
+
+    return attack
+
+
+def pgd_max(fn, ball: LpBall, key, steps: int = 50, restarts: int = 4):
+    """One PGD attack (:func:`pgd_attack`) on ``ball``: (best value per output, the maximising inputs).
+    To attack many radii of the same ball, build :func:`pgd_attack` once and call it."""
+    return pgd_attack(fn, steps, restarts)(ball, key)
 
 
 def search_substitutions(fn, s: Substitution, table_ids, max_exhaustive: int = 4096):
@@ -378,7 +398,9 @@ def certified_radius(encoder, prompt: Prompt, positions: Sequence[int], concepts
     Both are bisected in log space over ``[eps_max * 1e-6, eps_max]`` (certified
     radii of transformers span decades, so a linear bisection from ``eps_max``
     would round them to 0); a radius below that range is reported as 0. The
-    bound function is compiled once; eps is an input. ``concept_vectors``
+    bound function and the PGD attack are each compiled once: eps is traced
+    data in both, so every bisection step reuses the same two executables.
+    ``concept_vectors``
     (one row per concept) replaces embedding ``concepts`` with the encoder."""
     t0 = time.perf_counter()
     if concept_vectors is None:
@@ -397,8 +419,10 @@ def certified_radius(encoder, prompt: Prompt, positions: Sequence[int], concepts
             return False
         return bool(np.all(np.asarray(out.upper) < threshold))
 
+    attack = pgd_attack(fn)
+
     def collides(eps):
-        vals, _ = pgd_max(fn, dataclasses.replace(ball, eps=jnp.float32(eps)), jax.random.PRNGKey(seed))
+        vals, _ = attack(dataclasses.replace(ball, eps=jnp.float32(eps)), jax.random.PRNGKey(seed))
         return bool(np.any(np.asarray(vals) >= threshold))
 
     floor = eps_max * 10.0 ** -RADIUS_DECADES

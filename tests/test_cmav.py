@@ -1,5 +1,7 @@
 """CMAV certificates end to end on a small random BERT (ids, no tokenizer)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -87,3 +89,26 @@ def test_radius_brackets_the_truth_and_certifies_at_its_answer(encoder):
     ball = cmav.embedding_ball(encoder, prompt, [2], res.attack_radius)
     best, _ = cmav.pgd_max(cmav.cosine_function(encoder, prompt, unit), ball, jax.random.PRNGKey(0))
     assert float(best[0]) >= tau
+
+
+def test_pgd_attack_compiles_once_for_every_radius(encoder):
+    """eps is traced data: attacking at several radii traces ``fn`` only for the first call;
+    every witness lies in its ball and its value is ``fn``'s value there."""
+    prompt = cmav.make_prompt(encoder, ids=IDS)
+    target = jax.random.normal(jax.random.PRNGKey(2), (1, encoder.embedding_dim))
+    inner = cmav.cosine_function(encoder, prompt, target / jnp.linalg.norm(target))
+    traces = []
+
+    def fn(we):
+        traces.append(1)
+        return inner(we)
+
+    attack = cmav.pgd_attack(fn, steps=10, restarts=2)
+    ball = cmav.embedding_ball(encoder, prompt, [2], 1e-3)
+    for eps in (1e-3, 1e-2, 1e-1):
+        vals, xs = attack(dataclasses.replace(ball, eps=jnp.float32(eps)), jax.random.PRNGKey(0))
+        n_traced = len(traces) if eps == 1e-3 else n_traced
+        assert len(traces) == n_traced
+        delta = (xs[0] - ball.center) * ball.mask
+        assert float(jnp.max(jnp.abs(delta))) <= eps * (1 + 1e-5)  # the witness lies in the ball
+        assert float(vals[0]) == pytest.approx(float(inner(xs[0])[0]), abs=1e-5)
