@@ -1,12 +1,17 @@
-"""Lipschitz bounds of the reverse DDIM chain on the trained digits denoiser (or a DiT-S/2-sized model).
+"""Lipschitz bounds of the reverse DDIM chain on the trained digits denoiser, the exact-score
+mixture, or a DiT-S/2-sized model.
 
-For each T: the global product, the local (balls) and reach (boxes) engine
-bounds and the empirical lower bound, with seconds; the ratio of each sound
-whole-chain number to the empirical one. A method the engine cannot bound
-for this model is reported with its error, not skipped.
+For each T: the global product, the local (balls) and reach (boxes) engine bounds for each
+engine method and radius, and the empirical lower bound, with seconds (total, and the engine's
+tracing + compilation, done once for all steps). A method the engine cannot bound for this
+model is reported with its error, not skipped. ``--diagnose`` bounds the first step once per
+engine method and radius and prints where the intervals widen: the half-width of every
+GroupNorm's variance and output, up to the first node whose relaxation fails.
 
     python benchmarks/lipschitz.py                       # trains benchmarks/out/digits-denoiser once
     python benchmarks/lipschitz.py --steps 10 --methods global
+    python benchmarks/lipschitz.py --gmm --steps 10 25 50 --methods local reach --radii 0.01
+    python benchmarks/lipschitz.py --diagnose --engine-methods crown-forward zonotope --radii 1e-3 1e-5
     python benchmarks/lipschitz.py --dit --steps 50 --methods local   # DiT-S/2 random weights (GPU)
 """
 
@@ -23,11 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diverify.diffusion import gmm
 from diverify.diffusion.schedulers import ddim_schedule, noise_schedule, read_noise_schedule
 from diverify.errors import DiverifyError
-from diverify.lipschitz import lipschitz_report, make_chain, unet_eps_lipschitz
+from diverify.lipschitz import (clean_trajectory, compile_step_bound, gmm_eps_lipschitz, lipschitz_report, make_chain,
+                                unet_eps_lipschitz)
 from diverify.models.diffusers_checkpoint import build_denoiser, load_denoiser
 from diverify.results import to_jsonable
+from diverify.specs import Box, lp_ball
 
 OUT = Path(__file__).parent / "out"
 
@@ -45,53 +53,117 @@ def digits_model(directory: Path):
     noise = read_noise_schedule(directory)
     x_T = jnp.asarray(np.random.default_rng(0).normal(size=(1, 1, 8, 8)), jnp.float32)
     bounds = unet_eps_lipschitz(den.config, den.params)
-    return den, noise, jax.nn.one_hot(jnp.array([3]), 10), x_T, (lambda t: bounds)
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(den.params))
+    return den.eps, den.params, noise, jax.nn.one_hot(jnp.array([3]), 10), x_T, (lambda t: bounds), \
+        f"{den.class_name} ({n_params} parameters)"
 
 
-def dit_model():
-    den = build_denoiser(DIT_S2, seed=0)
+def gmm_model(dim: int):
+    """The CLI's mixture: modes at +-e1, std 0.3, x_T from seed 0."""
+    noise = noise_schedule(clip_sample=False)
+    means = np.zeros((2, dim))
+    means[0, 0], means[1, 0] = -1.0, 1.0
+    mix = gmm.gaussian_mixture([0.5, 0.5], means, [0.3, 0.3], noise)
+    x_T = jnp.asarray(np.random.default_rng(0).normal(size=(1, dim)), jnp.float32)
+    return gmm.gmm_eps, mix, noise, None, x_T, \
+        (lambda t: (gmm_eps_lipschitz(mix, float(noise.alphas_cumprod[t])), None)), f"Gaussian mixture (d = {dim})"
+
+
+def dit_model(layers: int):
+    den = build_denoiser(dict(DIT_S2, num_layers=layers), seed=0)
     noise = noise_schedule(clip_sample=False)
     x_T = jnp.asarray(np.random.default_rng(0).normal(size=(1, 4, 32, 32)), jnp.float32)
-    return den, noise, jnp.array([3]), x_T, None
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(den.params))
+    return den.eps, den.params, noise, jnp.array([3]), x_T, None, f"DiT, {layers} blocks ({n_params} parameters)"
+
+
+def diagnose(chain, engine_method: str, radius: float) -> dict:
+    """Bound step 0 over the l2 ball of ``radius`` and return the interval half-widths of every
+    GroupNorm variance (its ``rsqrt`` input) and output, up to the first node whose relaxation fails."""
+    traj = clean_trajectory(chain)
+    ball = lp_ball(traj[0].reshape(1, -1), radius, p=2)
+    sb = compile_step_bound(chain, ball, engine_method)
+    k = chain.inputs[:1]
+    res = sb.executable(ball, Box(k, k))
+    nodes = sb.bound_function.graph.nodes
+    ok = np.asarray(res.node_ok)
+    first_bad = int(np.argmin(ok)) if not ok.all() else None
+    intervals = {int(key.split(":")[0]): iv for key, iv in res.intermediates.items()}
+    producer = {vid: idx for idx, node in enumerate(nodes) for vid in node.outputs}
+    norms = []
+    for idx, node in enumerate(nodes):
+        if first_bad is not None and idx > first_bad:
+            break
+        if node.name == "rsqrt":
+            iv = intervals.get(producer.get(node.inputs[0]))
+            lo = None if iv is None else float(jnp.min(iv.lower))
+            norms.append(dict(node=idx, source=node.source.rsplit("/", 1)[-1], var_lower_min=lo,
+                              var_halfwidth_max=None if iv is None else float(jnp.max(iv.upper - iv.lower)) / 2,
+                              ok=bool(ok[idx])))
+    return dict(engine_method=engine_method, radius=radius, nodes=len(nodes), compile_seconds=sb.compile_seconds,
+                first_failure=None if first_bad is None else f"{first_bad}:{nodes[first_bad].name}",
+                out_halfwidth=float(jnp.max(res.output.upper - res.output.lower)) / 2
+                if first_bad is None else None, groupnorms=norms)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--denoiser", type=Path, default=OUT / "digits-denoiser")
-    parser.add_argument("--dit", action="store_true", help="DiT-S/2-sized random-weight model instead")
+    parser.add_argument("--gmm", type=int, default=None, metavar="D", help="the exact-score mixture in dimension D")
+    parser.add_argument("--dit", type=int, default=None, metavar="LAYERS",
+                        help="DiT-S/2-sized random-weight model with LAYERS blocks (12 for DiT-S/2)")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50])
     parser.add_argument("--methods", nargs="+", default=["global", "local", "reach"])
-    parser.add_argument("--radius", type=float, default=1e-3)
-    parser.add_argument("--engine-method", default="crown-forward")
+    parser.add_argument("--radii", type=float, nargs="+", default=[1e-3])
+    parser.add_argument("--engine-methods", nargs="+", default=["crown-forward"])
+    parser.add_argument("--diagnose", action="store_true", help="where the intervals widen at step 0 (no chain)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    den, noise, cond, x_T, lip = dit_model() if args.dit else digits_model(args.denoiser)
-    n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(den.params))
-    print(f"model {den.class_name}, {n_params} parameters, device {jax.devices()[0].platform}")
+    if args.gmm is not None:
+        apply_fn, params, noise, cond, x_T, lip, name = gmm_model(args.gmm)
+    elif args.dit is not None:
+        apply_fn, params, noise, cond, x_T, lip, name = dit_model(args.dit)
+    else:
+        apply_fn, params, noise, cond, x_T, lip, name = digits_model(args.denoiser)
+    print(f"model {name}, device {jax.devices()[0].platform}", flush=True)
     rows = []
     for steps in args.steps:
-        chain = make_chain(den.eps, den.params, cond, ddim_schedule(noise, steps), x_T)
+        chain = make_chain(apply_fn, params, cond, ddim_schedule(noise, steps), x_T)
+        if args.diagnose:
+            for engine_method in args.engine_methods:
+                for radius in args.radii:
+                    try:
+                        row = diagnose(chain, engine_method, radius)
+                    except DiverifyError as err:
+                        row = dict(engine_method=engine_method, radius=radius, error=str(err))
+                    rows.append(dict(row, steps=steps))
+                    print(json.dumps(to_jsonable(rows[-1])), flush=True)
+            continue
         for method in args.methods:
-            start = time.perf_counter()
-            try:
-                rep = lipschitz_report(chain, method, args.radius, lip, args.engine_method)
-                row = dict(steps=steps, method=method, log10_certified=rep.log10_cumulative,
-                           empirical_lower=rep.empirical_lower, chain_jacobian=rep.empirical_chain_jacobian,
-                           log10_ratio=rep.log10_cumulative - float(np.log10(rep.empirical_lower)),
-                           cond_certified=rep.cond_cumulative, seconds=rep.seconds, error=None)
-            except DiverifyError as err:
-                row = dict(steps=steps, method=method, error=str(err), seconds=time.perf_counter() - start)
-            rows.append(row)
-            if row["error"]:
-                print(f"T={steps:>3} {method:>7}  error: {row['error'][:110]}  ({row['seconds']:.1f} s)", flush=True)
-            else:
-                print(f"T={steps:>3} {method:>7}  certified 10^{row['log10_certified']:.2f}  "
-                      f"empirical {row['empirical_lower']:.4g}  ratio 10^{row['log10_ratio']:.2f}  "
-                      f"({row['seconds']:.1f} s)", flush=True)
-    path = args.out or OUT / ("lipschitz_dit.json" if args.dit else "lipschitz.json")
+            engine_methods = ["-"] if method == "global" else args.engine_methods
+            for engine_method, radius in [(e, r) for e in engine_methods for r in args.radii]:
+                start = time.perf_counter()
+                try:
+                    rep = lipschitz_report(chain, method, radius, lip, engine_method)
+                    row = dict(log10_certified=rep.log10_cumulative, empirical_lower=rep.empirical_lower,
+                               chain_jacobian=rep.empirical_chain_jacobian,
+                               log10_ratio=rep.log10_cumulative - float(np.log10(rep.empirical_lower)),
+                               cond_certified=rep.cond_cumulative, seconds=rep.seconds,
+                               compile_seconds=rep.compile_seconds, error=None)
+                except DiverifyError as err:
+                    row = dict(error=str(err), seconds=time.perf_counter() - start)
+                rows.append(dict(row, steps=steps, method=method, engine_method=engine_method, radius=radius))
+                head = f"T={steps:>3} {method:>7} {engine_method:>14} r={radius:<7g}"
+                if row["error"]:
+                    print(f"{head} error: {row['error'][:110]}  ({row['seconds']:.1f} s)", flush=True)
+                else:
+                    compile_s = "" if row["compile_seconds"] is None else f", compile {row['compile_seconds']:.1f} s"
+                    print(f"{head} certified 10^{row['log10_certified']:.2f}  empirical {row['empirical_lower']:.4g}  "
+                          f"ratio 10^{row['log10_ratio']:.2f}  ({row['seconds']:.1f} s{compile_s})", flush=True)
+    tag = "gmm" if args.gmm is not None else "dit" if args.dit is not None else "digits"
+    path = args.out or OUT / f"lipschitz_{tag}{'_diagnose' if args.diagnose else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_jsonable(dict(model=den.class_name, parameters=n_params, radius=args.radius,
-                                                engine_method=args.engine_method, rows=rows)), indent=1))
+    path.write_text(json.dumps(to_jsonable(dict(model=name, rows=rows)), indent=1))
     print(f"wrote {path}")
 
 

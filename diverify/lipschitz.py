@@ -25,10 +25,18 @@ Norms are Euclidean over the whole sample. Three certified methods:
 
 Every certified number sits next to an empirical lower bound: the spectral
 norm of each step's Jacobian at x̄_i and of the chain's Jacobian at x̄_T
-(power iteration with jvp/vjp), and a projected-gradient attack on
+(power iteration on the map linearised once per point), and a projected-gradient attack on
 ||F(x̄_T + delta) - F(x̄_T)|| over ||delta|| <= r. The attack ratio is a lower
 bound of all three certified cumulative numbers; the chain's Jacobian norm
 is a lower bound of the global one.
+
+One compilation for all steps: everything that changes between steps (the
+scheduler's coefficients, the model's timestep features, sigma_i z_i) is one
+float vector k_i, an argument of a single step map f(x, k). XLA compiles it
+once, and the bound engine bounds it once per kind of input set, with k in the
+one-point box {k_i}: a constant of the bound problem (the engine folds only
+values it can see at trace time into constants, so k enters as a degenerate
+input set; its relaxations are exact on a point up to float32 padding).
 
 Soundness: global bounds rest on (i) exact upper bounds of linear operator
 norms (the Schur bound ||A||_2 <= sqrt(||A||_1 ||A||_inf) for convolutions,
@@ -42,6 +50,7 @@ for the float32 model evaluated in real arithmetic.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Any, Callable
@@ -50,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diverify.diffusion.schedulers import SamplingSchedule, StepCoefficients, apply_step, step_coefficients
+from diverify.diffusion.schedulers import SamplingSchedule, StepCoefficients, step_coefficients
 from diverify.errors import DiverifyError
 
 METHODS = ("global", "local", "reach")
@@ -65,11 +74,87 @@ _SVD_PADDING = 1e-4
 
 
 @dataclasses.dataclass(frozen=True)
-class Chain:
-    """A reverse chain ready to bound: ``eps(x) = apply_fn(params, x, t, cond)``, fixed noise per step.
+class TimeInput:
+    """How a denoiser sees its timestep, as a float array the bound engine can take as an input.
 
-    ``x_T`` has a batch axis of 1 (``(1, d)`` for the mixture, ``(1, C, H, W)``
-    for an image model); ``noises[i]`` is the z of step i (None when sigma = 0).
+    ``features(params, x, t, cond)`` (t an int32 scalar) is what the model computes from t
+    (abar_t for the mixture; the sinusoid fed to the TimestepEmbedding of a UNet or DiT);
+    ``apply(params, x, features, cond)`` is the eps-prediction from those features, so that
+    ``apply(params, x, features(params, x, t, cond), cond) == apply_fn(params, x, t, cond)``.
+    The bound engine then sees t only through an input set holding one point: one traced
+    and compiled bound serves every step.
+    """
+
+    features: Callable
+    apply: Callable
+
+
+def mixture_time_input() -> TimeInput:
+    """:func:`diverify.diffusion.gmm.gmm_eps` with abar_t as the feature."""
+    from diverify.diffusion import gmm
+
+    def features(mix, x, t, cond):
+        return jnp.take(mix.alphas_cumprod, jnp.full((x.shape[0],), t, jnp.int32))
+
+    def apply(mix, x, abar, cond):
+        return -jnp.sqrt(1 - abar)[:, None] * gmm.score(mix, x, abar, cond)
+
+    return TimeInput(features, apply)
+
+
+def _is_time_embedding(context) -> bool:
+    return context.method_name == "__call__" and type(context.module).__name__ == "TimestepEmbedding"
+
+
+def embedding_time_input(apply_fn: Callable) -> TimeInput:
+    """A Flax denoiser (:mod:`diverify.models`) whose only use of t is the sinusoid fed to its
+    ``TimestepEmbedding`` modules (one in a UNet, one per block in a DiT): the features are that
+    sinusoid, recorded by a method interceptor, and ``apply`` substitutes it (t itself is then 0)."""
+    import flax.linen as nn
+
+    def features(params, x, t, cond):
+        seen = []
+
+        def record(next_fun, args, kwargs, context):
+            if _is_time_embedding(context):
+                seen.append(args[0])
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(record):
+            apply_fn(params, x, jnp.full((x.shape[0],), t, jnp.int32), cond)
+        if not seen:
+            raise DiverifyError("this denoiser has no TimestepEmbedding module: its timestep cannot be passed "
+                                "to the bound engine as an input")
+        return jnp.stack(seen)
+
+    def apply(params, x, sinusoids, cond):
+        calls = iter(range(sinusoids.shape[0]))
+
+        def substitute(next_fun, args, kwargs, context):
+            if _is_time_embedding(context):
+                return next_fun(sinusoids[next(calls)], *args[1:], **kwargs)
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(substitute):
+            return apply_fn(params, x, jnp.zeros((x.shape[0],), jnp.int32), cond)
+
+    return TimeInput(features, apply)
+
+
+#: Per-step coefficients at the head of a step's input vector: sqrt(1 - abar_t), sqrt(abar_t),
+#: then pred_x0_coeff, sample_coeff, eps_coeff of :class:`StepCoefficients`.
+_NUM_COEFFS = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+    """A reverse chain ready to bound.
+
+    Step i is ``step(x, inputs[i])``: ``inputs[i]`` packs everything that changes from step to
+    step (the scheduler coefficients, the model's timestep features, the fixed noise term
+    sigma_i z_i when the sampler is stochastic) into one float32 vector, so that the step map is
+    one function for all steps (compiled once by XLA and by the bound engine). ``x_T`` has a
+    batch axis of 1 (``(1, d)`` for the mixture, ``(1, C, H, W)`` for an image model).
     """
 
     apply_fn: Callable
@@ -77,64 +162,91 @@ class Chain:
     cond: Any
     schedule: SamplingSchedule
     x_T: jax.Array
-    noises: tuple
-    jitted_apply: Callable | None = None
+    inputs: jax.Array
+    step: Callable
+    jit_step: Callable
+    num_features: int
 
     @property
     def num_steps(self) -> int:
         return self.schedule.num_steps
 
 
-def make_chain(apply_fn: Callable, params: Any, cond: Any, schedule: SamplingSchedule, x_T: Any,
-               key: jax.Array | None = None) -> Chain:
-    """A :class:`Chain`; ``key`` draws the fixed noise of stochastic steps (required then)."""
-    x_T = jnp.asarray(x_T, jnp.float32)
-    if x_T.ndim < 2 or x_T.shape[0] != 1:
-        raise DiverifyError(f"x_T must have a batch axis of size 1, got shape {tuple(x_T.shape)}")
-    noises = []
-    for i in range(schedule.num_steps):
-        if step_coefficients(schedule, i).noise_std:
-            if key is None:
-                raise DiverifyError(f"the {schedule.kind} sampler is stochastic here: pass a key to fix its noise")
-            noises.append(jax.random.normal(jax.random.fold_in(key, i), x_T.shape, jnp.float32))
-        else:
-            noises.append(None)
-    return Chain(apply_fn, params, cond, schedule, x_T, tuple(noises), jax.jit(apply_fn))
+def _step_map(time_input: TimeInput, params: Any, cond: Any, clip: float | None, x_shape: tuple,
+              feature_shape: tuple, stochastic: bool) -> Callable:
+    """``(x, k) -> x_prev`` of :class:`StepCoefficients` with the coefficients, features and noise term in k."""
+    n_feat = int(np.prod(feature_shape))
 
-
-def step_function(chain: Chain, i: int, jitted: bool = False) -> Callable[[jax.Array], jax.Array]:
-    """f_i as a function of x (batch 1). ``jitted`` calls the denoiser through one jitted function
-    shared by all steps (t is an argument), so that autodiff along T steps compiles the model once;
-    the bound engine needs the plain function."""
-    coeffs = step_coefficients(chain.schedule, i)
-    c = chain.cond
-    z = chain.noises[i]
-    apply_fn = chain.jitted_apply if jitted and chain.jitted_apply is not None else chain.apply_fn
-
-    def step(x):
-        eps = apply_fn(chain.params, x, jnp.full((x.shape[0],), coeffs.t, jnp.int32), c)
-        return apply_step(coeffs, x, eps, z)
+    def step(x, k):
+        c = k[:_NUM_COEFFS]
+        eps = time_input.apply(params, x, k[_NUM_COEFFS:_NUM_COEFFS + n_feat].reshape(feature_shape), cond)
+        x0 = (x - c[0] * eps) / c[1]
+        if clip is not None:
+            x0 = jnp.clip(x0, -clip, clip)
+        out = c[2] * x0 + c[3] * x + c[4] * eps
+        if stochastic:
+            out = out + k[_NUM_COEFFS + n_feat:].reshape(x_shape)
+        return out
 
     return step
 
 
-def chain_function(chain: Chain, jitted: bool = True) -> Callable[[jax.Array], jax.Array]:
-    """F = f_{T-1} o ... o f_0 (``jitted``: see :func:`step_function`)."""
-    steps = [step_function(chain, i, jitted) for i in range(chain.num_steps)]
+def make_chain(apply_fn: Callable, params: Any, cond: Any, schedule: SamplingSchedule, x_T: Any,
+               key: jax.Array | None = None, time_input: TimeInput | None = None) -> Chain:
+    """A :class:`Chain`; ``key`` draws the fixed noise of stochastic steps (required then).
 
-    def run(x):
-        for f in steps:
-            x = f(x)
-        return x
+    ``time_input`` defaults to :func:`mixture_time_input` for the mixture's ``gmm_eps`` and to
+    :func:`embedding_time_input` otherwise.
+    """
+    from diverify.diffusion import gmm
 
-    return run
+    x_T = jnp.asarray(x_T, jnp.float32)
+    if x_T.ndim < 2 or x_T.shape[0] != 1:
+        raise DiverifyError(f"x_T must have a batch axis of size 1, got shape {tuple(x_T.shape)}")
+    if time_input is None:
+        time_input = mixture_time_input() if apply_fn is gmm.gmm_eps else embedding_time_input(apply_fn)
+    coeffs = [step_coefficients(schedule, i) for i in range(schedule.num_steps)]
+    stochastic = any(c.noise_std for c in coeffs)
+    if stochastic and key is None:
+        raise DiverifyError(f"the {schedule.kind} sampler is stochastic here: pass a key to fix its noise")
+    features = jax.jit(time_input.features)
+    rows = []
+    for i, c in enumerate(coeffs):
+        feats = features(params, x_T, jnp.int32(c.t), cond)
+        parts = [np.array([math.sqrt(1 - c.alpha_prod_t), math.sqrt(c.alpha_prod_t), c.pred_x0_coeff,
+                           c.sample_coeff, c.eps_coeff], np.float32), np.asarray(feats, np.float32).ravel()]
+        if stochastic:
+            z = jax.random.normal(jax.random.fold_in(key, i), x_T.shape, jnp.float32) if c.noise_std else 0 * x_T
+            parts.append(np.asarray(c.noise_std * z, np.float32).ravel())
+        rows.append(np.concatenate(parts))
+    noise = schedule.noise
+    step = _step_map(time_input, params, cond, noise.clip_sample_range if noise.clip_sample else None,
+                     tuple(x_T.shape), tuple(feats.shape), stochastic)
+    return Chain(apply_fn, params, cond, schedule, x_T, jnp.asarray(np.stack(rows)), step, jax.jit(step),
+                 int(feats.size))
+
+
+def step_function(chain: Chain, i: int) -> Callable[[jax.Array], jax.Array]:
+    """f_i as a function of x (batch 1), through the chain's one jitted step map."""
+    k = chain.inputs[i]
+    return lambda x: chain.jit_step(x, k)
+
+
+def _run_chain(step: Callable, x: jax.Array, inputs: jax.Array) -> jax.Array:
+    return jax.lax.scan(lambda h, k: (step(h, k), None), x, inputs)[0]
+
+
+def chain_function(chain: Chain) -> Callable[[jax.Array], jax.Array]:
+    """F = f_{T-1} o ... o f_0 (a ``lax.scan`` over the step inputs: compiled once for any T)."""
+    run = jax.jit(_run_chain, static_argnums=0)
+    return lambda x: run(chain.step, x, chain.inputs)
 
 
 def clean_trajectory(chain: Chain) -> list[jax.Array]:
     """x̄_T, ..., x̄_0 from the chain's x_T."""
     states = [chain.x_T]
     for i in range(chain.num_steps):
-        states.append(step_function(chain, i, jitted=True)(states[-1]))
+        states.append(chain.jit_step(states[-1], chain.inputs[i]))
     return states
 
 
@@ -159,24 +271,6 @@ def conv_norm_bound(kernel: Any) -> float:
     row = k.sum(axis=(0, 1, 2)).max()
     col = k.sum(axis=(0, 1, 3)).max()
     return float(math.sqrt(row * col) * (1 + _SVD_PADDING))
-
-
-def power_iteration_norm(linear: Callable, x_shape: tuple, key: jax.Array, iters: int = 30) -> float:
-    """Estimate (a LOWER bound, up to convergence) of ||A||_2 for a linear map ``linear`` via A^T A."""
-    v = jax.random.normal(key, x_shape, jnp.float32)
-    _, vjp = jax.vjp(linear, jnp.zeros(x_shape, jnp.float32))
-
-    @jax.jit
-    def body(v):
-        v = v / jnp.linalg.norm(v)
-        w = linear(v)
-        return vjp(w)[0], jnp.linalg.norm(w)
-
-    norm = 0.0
-    for _ in range(iters):
-        v, n = body(v)
-        norm = float(n)
-    return norm
 
 
 def _groupnorm(p, eps: float) -> float:
@@ -279,16 +373,70 @@ def step_lipschitz(c: StepCoefficients, eps_x: float, eps_c: float | None = None
 # --------------------------------------------------------------------------- engine-based bounds
 
 
-def _flat_step(chain: Chain, i: int):
-    shape = chain.x_T.shape
-    f = step_function(chain, i)
-    return lambda flat: f(flat.reshape(shape)).reshape(1, -1)
-
-
 def _box_radius(lo, hi, centre) -> float:
     """l2 distance from ``centre`` to the farthest point of the box [lo, hi]."""
     far = jnp.maximum(hi - centre, centre - lo)
     return float(jnp.linalg.norm(far))
+
+
+def _available_bytes() -> int:
+    """Memory of the default device (its allocator limit on an accelerator, physical memory on CPU)."""
+    import os
+
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepBound:
+    """The bound engine on the chain's step map ``(x_flat, k) -> x_prev_flat``, compiled once for all
+    steps: x ranges over an input set, k over the point {inputs[i]} (a constant of the problem)."""
+
+    bound_function: Any
+    executable: Any
+    compile_seconds: float
+    memory_bytes: int
+
+    def __call__(self, in_set, k):
+        from diverify.specs import Box
+
+        k = k[None]
+        return self.bound_function._checked(self.executable(in_set, Box(k, k))).output
+
+
+def compile_step_bound(chain: Chain, in_set: Any, engine_method: str,
+                       memory_limit: int | None = None) -> StepBound:
+    """Trace and compile the bound of the step map for sets like ``in_set``.
+
+    XLA's own memory analysis of the compiled bound is checked against ``memory_limit``
+    (default: the device's memory) before anything runs: a problem too large for the machine is a
+    :class:`DiverifyError` that states the estimate, never an out-of-memory crash.
+    """
+    from diverify.bounds.api import compile_bounds
+    from diverify.specs import Box
+
+    shape = chain.x_T.shape
+    step = chain.step
+
+    def flat(x, k):
+        return step(x.reshape(shape), k[0]).reshape(1, -1)
+
+    k = chain.inputs[:1]
+    start = time.perf_counter()
+    bf = compile_bounds(flat, in_set, Box(k, k), method=engine_method)
+    exe = jax.jit(bf.unchecked).lower(in_set, Box(k, k)).compile()
+    seconds = time.perf_counter() - start
+    mem = exe.memory_analysis()
+    need = 0 if mem is None else int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes)
+    limit = _available_bytes() if memory_limit is None else memory_limit
+    if need > limit:
+        raise DiverifyError(
+            f"the {engine_method} bound of one step needs {need / 2 ** 30:.1f} GiB (XLA's estimate for "
+            f"{int(np.prod(shape))} perturbed inputs through {len(bf.graph.nodes)} operations), more than the "
+            f"{limit / 2 ** 30:.1f} GiB available: use a cheaper --engine-method (ibp, zonotope) or a smaller model")
+    return StepBound(bf, exe, seconds, need)
 
 
 def engine_chain(chain: Chain, radius: float, method: str, engine_method: str = "crown-forward",
@@ -297,9 +445,8 @@ def engine_chain(chain: Chain, radius: float, method: str, engine_method: str = 
     """Radii rho_0 = radius, rho_1, ..., rho_T of the ``local`` (balls) or ``reach`` (boxes) propagation.
 
     Returns (rho, box_widths): ``box_widths[i]`` is the largest half-width of step i's output box.
-    ``compiled`` caches the traced bound functions per step (same graph for any radius).
+    ``compiled`` caches the :class:`StepBound` per kind of input set (one for all steps and radii).
     """
-    from diverify.bounds.api import compile_bounds
     from diverify.specs import Box, lp_ball
 
     traj = clean_trajectory(chain) if trajectory is None else trajectory
@@ -308,14 +455,11 @@ def engine_chain(chain: Chain, radius: float, method: str, engine_method: str = 
     box = None
     for i in range(chain.num_steps):
         centre = traj[i].reshape(1, -1)
-        if method == "local" or box is None:
-            in_set = lp_ball(centre, rho[-1], p=2)
-        else:
-            in_set = box
-        key = (i, type(in_set).__name__)
-        if key not in compiled:
-            compiled[key] = compile_bounds(_flat_step(chain, i), in_set, method=engine_method)
-        out = compiled[key](in_set).output
+        in_set = lp_ball(centre, rho[-1], p=2) if method == "local" or box is None else box
+        kind = type(in_set).__name__
+        if kind not in compiled:
+            compiled[kind] = compile_step_bound(chain, in_set, engine_method)
+        out = compiled[kind](in_set, chain.inputs[i])
         nxt = traj[i + 1].reshape(1, -1)
         rho.append(_box_radius(out.lower, out.upper, nxt))
         widths.append(float(jnp.max(out.upper - out.lower)) / 2)
@@ -328,26 +472,45 @@ def engine_chain(chain: Chain, radius: float, method: str, engine_method: str = 
 # --------------------------------------------------------------------------- empirical lower bounds
 
 
-def jacobian_norm(f: Callable, x: jax.Array, key: jax.Array, iters: int = 20) -> float:
-    """Power-iteration estimate of ||J_f(x)||_2 (a lower bound of the local Lipschitz constant)."""
-    v = jax.random.normal(key, x.shape, jnp.float32)
-    # Not jitted as a whole: ``f`` calls a jitted denoiser, whose jvp/vjp compile once for all steps.
-    def body(v):
+def power_iteration(matvec: Callable, rmatvec: Callable, v0: jax.Array, iters: int) -> jax.Array:
+    """||A v|| for the last unit v of ``iters`` power iterations on A^T A (``matvec``: v -> A v,
+    ``rmatvec``: w -> A^T w). Every unit v gives ||A v|| <= ||A||_2: a lower bound of the operator
+    norm, which tightens as v converges to the top right singular vector."""
+    def body(_, carry):
+        v, _ = carry
         v = v / jnp.linalg.norm(v)
-        out, jv = jax.jvp(f, (x,), (v,))
-        _, vjp = jax.vjp(f, x)
-        return vjp(jv)[0], jnp.linalg.norm(jv)
+        w = matvec(v)
+        return rmatvec(w), jnp.linalg.norm(w)
 
-    n = 0.0
-    for _ in range(iters):
-        v, nv = body(v)
-        n = float(nv)
-    return n
+    return jax.lax.fori_loop(0, iters, body, (v0, jnp.zeros((), v0.dtype)))[1]
+
+
+def power_iteration_norm(linear: Callable, x_shape: tuple, key: jax.Array, iters: int = 30) -> float:
+    """Lower bound of ||A||_2 for a linear map ``linear`` (:func:`power_iteration`)."""
+    zeros = jnp.zeros(x_shape, jnp.float32)
+    transpose = jax.linear_transpose(linear, zeros)
+    v0 = jax.random.normal(key, x_shape, jnp.float32)
+    return float(jax.jit(lambda v: power_iteration(linear, lambda w: transpose(w)[0], v, iters))(v0))
+
+
+@functools.partial(jax.jit, static_argnames=("f", "iters"))
+def _jacobian_power(f: Callable, x: jax.Array, args: tuple, v0: jax.Array, iters: int) -> jax.Array:
+    _, jvp = jax.linearize(lambda y: f(y, *args), x)
+    vjp = jax.linear_transpose(jvp, x)
+    return power_iteration(jvp, lambda w: vjp(w)[0], v0, iters)
+
+
+def jacobian_norm(f: Callable, x: jax.Array, key: jax.Array, iters: int = 20, args: tuple = ()) -> float:
+    """Lower bound of ||J(x)||_2 for y -> f(y, *args) (:func:`power_iteration` on the map linearised
+    once at x with ``jax.linearize`` and transposed with ``jax.linear_transpose``). Compiled once per
+    ``f`` and shapes: pass what changes between calls (a step's inputs) in ``args``."""
+    v0 = jax.random.normal(key, x.shape, jnp.float32)
+    return float(_jacobian_power(f, x, tuple(args), v0, iters))
 
 
 def attack_objective(f: Callable) -> Callable:
     """``(delta, x, f(x)) -> (||f(x + delta) - f(x)||, gradient in delta)``, the function the attack climbs."""
-    return jax.value_and_grad(lambda d, x, fx: jnp.linalg.norm(f(x + d) - fx))
+    return jax.jit(jax.value_and_grad(lambda d, x, fx: jnp.linalg.norm(f(x + d) - fx)))
 
 
 def attack_ratio(objective: Callable, x: jax.Array, fx: jax.Array, radius: float, key: jax.Array, steps: int = 10,
@@ -384,7 +547,9 @@ class LipschitzReport:
     ``step_radii``: rho_0..rho_T for local/reach; ``certified_radius``: largest r
     (found) with a certified ||F(x_T) - F(x̄_T)|| <= distance; ``empirical_radius``:
     the largest r (found) at which the attack stays within distance, i.e. about where it
-    first breaks the distance (an upper estimate of the true robust radius).
+    first breaks the distance (an upper estimate of the true robust radius);
+    ``compile_seconds``: tracing + compilation of the engine's step bounds (local/reach; part of
+    ``seconds``).
     """
 
     method: str
@@ -404,6 +569,7 @@ class LipschitzReport:
     certified_radius: float | None
     empirical_radius: float | None
     seconds: float
+    compile_seconds: float | None = None
 
 
 def _global(chain: Chain, eps_lipschitz: Callable[[int], tuple[float, float]]):
@@ -466,7 +632,7 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
     key = jax.random.PRNGKey(0) if key is None else key
     start = time.perf_counter()
     traj = clean_trajectory(chain)
-    cond_cum, radii, cert_radius = None, None, None
+    cond_cum, radii, cert_radius, compile_seconds = None, None, None, None
     if method == "global":
         if eps_lipschitz is None:
             raise DiverifyError("the global method needs a global Lipschitz bound of the denoiser")
@@ -487,11 +653,13 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
                 except DiverifyError:
                     return False
             cert_radius = _bisect_radius(holds, radius, bisect_iters)
+        compile_seconds = sum(b.compile_seconds for b in compiled.values())
     f = chain_function(chain)
     keys = jax.random.split(key, chain.num_steps + 2)
-    emp_steps = [jacobian_norm(step_function(chain, i, jitted=True), traj[i], keys[i])
+    emp_steps = [jacobian_norm(chain.step, traj[i], keys[i], args=(chain.inputs[i],))
                  for i in range(chain.num_steps)]
-    emp_chain = jacobian_norm(f, chain.x_T, keys[-2])
+    emp_chain = jacobian_norm(lambda x, inputs: _run_chain(chain.step, x, inputs), chain.x_T, keys[-2],
+                              args=(chain.inputs,))
     objective = attack_objective(f)
     emp_attack = attack_ratio(objective, chain.x_T, traj[-1], radius, keys[-1])
     emp_lower = max(emp_chain, emp_attack) if method == "global" else emp_attack
@@ -504,4 +672,4 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
     return LipschitzReport(method, chain.schedule.kind, chain.num_steps, float(radius), per_step, float(cumulative),
                            float(log_cumulative),
                            emp_steps, emp_chain, emp_attack, emp_lower, cond_cum, radii, distance, cert_radius,
-                           emp_radius, time.perf_counter() - start)
+                           emp_radius, time.perf_counter() - start, compile_seconds)

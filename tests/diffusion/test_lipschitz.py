@@ -18,6 +18,7 @@ from diverify.diffusion import gmm as G
 from diverify.diffusion import schedulers as sch
 from diverify.errors import DiverifyError
 from diverify.models.diffusers_checkpoint import build_denoiser
+from diverify.specs import lp_ball
 
 NOISE = sch.noise_schedule(1000, clip_sample=False)
 
@@ -72,7 +73,10 @@ def test_engine_radii_contain_sampled_trajectory_end_points(method):
     x_T = jnp.array([[0.03, 0.4]], jnp.float32)
     chain = L.make_chain(G.gmm_eps, mix, None, schedule, x_T)
     radius = 0.05
-    rho, _ = L.engine_chain(chain, radius, method, "ibp")
+    compiled = {}
+    rho, _ = L.engine_chain(chain, radius, method, "ibp", compiled=compiled)
+    # One traced and compiled bound serves every step (a ball for local; a ball then boxes for reach).
+    assert len(compiled) == (1 if method == "local" else 2)
     fmap = jax.jit(jax.vmap(G.ddim_map(mix, schedule)))
     clean = np.asarray(fmap(x_T))[0]
     rng = np.random.default_rng(1)
@@ -87,6 +91,38 @@ def test_engine_radii_contain_sampled_trajectory_end_points(method):
     ends = np.asarray(fmap(jnp.asarray(points, jnp.float32)))
     assert np.max(np.linalg.norm(ends - clean, axis=1)) <= rho[-1]
     assert ratio * radius <= rho[-1]
+
+
+def test_step_map_with_inputs_matches_the_sampler():
+    """The chain's one step map, fed each step's coefficients, timestep features and noise, is the
+    scheduler's step: mixture under stochastic DDPM, and a UNet whose timestep embedding is substituted."""
+    mix = mixture(3)
+    schedule = sch.ddpm_schedule(NOISE, 4)
+    x_T = jnp.array([[0.2, -0.1, 0.4]], jnp.float32)
+    key = jax.random.PRNGKey(5)
+    chain = L.make_chain(G.gmm_eps, mix, None, schedule, x_T, key)
+    expected = sch.trajectory(G.gmm_eps, mix, x_T, None, schedule, key)
+    for got, want in zip(L.clean_trajectory(chain), expected):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    config = dict(digits.UNET_CONFIG, block_out_channels=[8, 16], norm_num_groups=4)
+    den = build_denoiser(config, seed=1)
+    x_T = jnp.asarray(np.random.default_rng(0).normal(size=(1, 1, 8, 8)), jnp.float32)
+    cond = jax.nn.one_hot(jnp.array([4]), 10)
+    schedule = sch.ddim_schedule(sch.noise_schedule(), 3)
+    chain = L.make_chain(den.eps, den.params, cond, schedule, x_T)
+    expected = sch.trajectory(den.eps, den.params, x_T, cond, schedule)
+    for got, want in zip(L.clean_trajectory(chain), expected):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    with pytest.raises(DiverifyError, match="stochastic"):
+        L.make_chain(G.gmm_eps, mix, None, sch.ddpm_schedule(NOISE, 4), x_T[:, 0, 0, :3])
+
+
+def test_too_large_bound_problem_is_an_error_before_it_runs():
+    mix, schedule = mixture(2), sch.ddim_schedule(NOISE, 2)
+    chain = L.make_chain(G.gmm_eps, mix, None, schedule, jnp.array([[0.1, 0.2]]))
+    ball = lp_ball(chain.x_T, 0.01, p=2)
+    with pytest.raises(DiverifyError, match=r"needs .* GiB .* more than the"):
+        L.compile_step_bound(chain, ball, "ibp", memory_limit=1)
 
 
 def test_report_is_consistent_and_lower_bounds_stay_below():
