@@ -3,7 +3,9 @@
 Prints four tables and writes them as one JSON file:
 
 1. throughput: weight samples per second (one prompt, all weights perturbed),
-   steady state after compilation, and the compile time;
+   steady state after compilation, and the compile time, for the local
+   sampler (Dense-output noise, :mod:`diverify.cws.reparam`) and the explicit
+   one (``theta + noise``); both realise the same law, hence the same certificate;
 2. memory: the compiled chunk's temporary buffers per sample (XLA's memory analysis);
 3. scaling: samples per second against the number of devices; on a CPU host
    the devices are simulated with ``--xla_force_host_platform_device_count``
@@ -48,7 +50,9 @@ def parse_args(argv=None):
     parser.add_argument("--target", default="a photo of a dog")
     parser.add_argument("--threshold", type=float, default=0.8)
     parser.add_argument("--sigma", type=float, default=0.003, help="sigma of the throughput run")
-    parser.add_argument("--samples", type=int, default=32, help="samples timed for throughput")
+    parser.add_argument("--samples", type=int, default=64, help="samples timed for throughput (local noise)")
+    parser.add_argument("--explicit-samples", type=int, default=16, dest="explicit_samples",
+                        help="samples timed for the explicit-noise sampler (0 skips it)")
     parser.add_argument("--cert-samples", type=int, default=100, help="samples per certificate in the radius table")
     parser.add_argument("--quality-draws", type=int, default=4, help="noise draws for the task-quality column")
     parser.add_argument("--alpha", type=float, default=0.001)
@@ -79,38 +83,45 @@ def all_weights(encoder, triggered, pattern="*"):
                                   predicates.rows_read_by_texts(encoder, [triggered]))
 
 
-def throughput(args, encoder, triggered, predicate, mesh=None):
+def throughput(args, encoder, triggered, predicate, sampler, mesh=None):
     """Compile time, steady-state samples/s and temporary memory per sample of the all-weights sampler."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from diverify.cws import sampling
+    from diverify.cws import reparam, sampling
 
     pert = all_weights(encoder, triggered)
     mesh = sampling.sample_mesh() if mesh is None else mesh
-    kwargs = dict(sigma=args.sigma, key=jax.random.key(0), batch_size=args.batch, mesh=mesh)
-    start = time.perf_counter()
-    sampling.count_predicate_hits(predicate, encoder.params, pert, num_samples=args.batch, **kwargs)
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    k = sampling.count_predicate_hits(predicate, encoder.params, pert, num_samples=args.samples, **kwargs)
-    seconds = time.perf_counter() - start
+    counted = sampling.count_hits_timed(predicate, encoder.params, pert, sigma=args.sigma, key=jax.random.key(0),
+                                        num_samples=args.samples, batch_size=args.batch, mesh=mesh,
+                                        sampler=sampler)
     ndev = mesh.devices.size
     chunk = -(-args.batch // ndev) * ndev
     sharded = NamedSharding(mesh, PartitionSpec("samples"))
+    plan = reparam.local_plan(predicate, encoder.params, pert) if sampler == "local" else None
     compiled = sampling._count_chunk.lower(
-        predicate, pert, encoder.params, jax.random.key(0), jnp.float32(args.sigma),
+        predicate, pert, plan, encoder.params, jax.random.key(0), jnp.float32(args.sigma),
         jax.device_put(np.zeros(chunk, np.uint32), sharded), jax.device_put(np.ones(chunk, bool), sharded)).compile()
     memory = compiled.memory_analysis()
     temp = getattr(memory, "temp_size_in_bytes", None) if memory is not None else None
-    return {"devices": ndev, "platform": jax.devices()[0].platform, "batch": chunk, "samples": args.samples,
-            "hits": k, "compile_seconds": compile_s, "seconds": seconds,
-            "samples_per_second": args.samples / seconds,
+    return {"sampler": sampler, "devices": ndev, "platform": jax.devices()[0].platform, "batch": chunk,
+            "samples": args.samples, "hits": counted.k, "compile_seconds": counted.compile_seconds,
+            "seconds": counted.sample_seconds, "samples_per_second": args.samples / counted.sample_seconds,
             # XLA reports one device's program: it holds chunk / ndev samples.
             "temp_bytes_per_sample": None if temp is None else temp / (chunk // ndev),
-            "noise_coordinates": pert.num_coordinates, "perturbed_weights": pert.num_weights}
+            "noise_coordinates": pert.num_coordinates, "perturbed_weights": pert.num_weights,
+            "normals_drawn_per_sample": pert.num_coordinates if plan is None else normals_per_sample(encoder, triggered, pert, plan)}
+
+
+def normals_per_sample(encoder, triggered, pert, plan):
+    """Gaussian draws per sample with local noise: explicit leaves, min(rows, in) x out per kernel, table rows."""
+    rows = encoder.tokenize([triggered])[0].size
+    shapes = dict(zip(pert.paths, pert.shapes))
+    local = sum((len(r) if r is not None else min(rows, shapes[p][0])) * shapes[p][1]
+                for p, r in zip(plan.local, plan.rows))
+    return plan.explicit.num_coordinates + local
 
 
 def scaling(args):
@@ -171,7 +182,8 @@ def radius_table(args, encoder, triggered, predicate):
         for sigma in sigmas:
             cert = certify_smoothed_predicate(predicate, encoder.params, pert, sigma=sigma,
                                               num_samples=args.cert_samples, alpha=args.alpha, p_max=args.p_max,
-                                              batch_size=args.batch, pattern=pattern)
+                                              batch_size=args.batch, pattern=pattern,
+                                              sampler="local" if kind == "weights" else "explicit")
             covers = {}
             for path, edit in edits.items():
                 # An edit of a matrix the smoothing does not perturb is not covered at all.
@@ -205,7 +217,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.scaling_worker:
         encoder, triggered, predicate = setup(args)
-        print(json.dumps(throughput(args, encoder, triggered, predicate)))
+        print(json.dumps(throughput(args, encoder, triggered, predicate, "local")))
         return 0
     import jax
 
@@ -213,10 +225,14 @@ def main(argv=None):
     result = {"model": encoder.name, "prompt": triggered, "target": args.target, "threshold": args.threshold,
               "device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
               "cpu_count": os.cpu_count()}
-    result["throughput"] = throughput(args, encoder, triggered, predicate)
-    print_table("throughput (one prompt, all weights; unread embedding rows not sampled)", [result["throughput"]],
-                ["platform", "devices", "batch", "samples", "compile_seconds", "samples_per_second",
-                 "temp_bytes_per_sample", "noise_coordinates", "perturbed_weights"])
+    result["throughput"] = [throughput(args, encoder, triggered, predicate, "local")]
+    if args.explicit_samples:
+        explicit_args = argparse.Namespace(**{**vars(args), "samples": args.explicit_samples})
+        result["throughput"].append(throughput(explicit_args, encoder, triggered, predicate, "explicit"))
+    print_table("throughput (one prompt, all weights; unread embedding rows not sampled; samples/s after "
+                "compilation)", result["throughput"],
+                ["sampler", "platform", "devices", "batch", "samples", "compile_seconds", "samples_per_second",
+                 "temp_bytes_per_sample", "normals_drawn_per_sample", "noise_coordinates", "perturbed_weights"])
     if args.devices.strip():
         result["scaling"] = scaling(args)
         note = " (CPU-simulated devices sharing the same cores)" if result["platform"] == "cpu" else ""

@@ -19,6 +19,13 @@ edit u v^T is covered when ||u v^T||_F <= R^2 / 2) can lift the probability of t
 *smoothed* encoder (fresh noise at every use) above p_max. The bound is about the
 smoothed model, not the bare weights, and holds with probability 1 - alpha.
 
+Weight noise on Dense kernels and on the looked-up embedding rows is drawn at the
+layer's output by default (--sampler local: X E for noise E on a kernel, sampled as
+a Gaussian with covariance X X^T, exactly the same law of the outcome, ~30x faster on
+CPU); --sampler explicit adds theta + noise to every weight. Any weight the local
+sampler cannot treat exactly (a layer applied twice, a kernel read outside its Dense
+layer) gets explicit noise automatically.
+
 The trigger is inserted as a word at word --position (0: first, right after the
 CLS/BOS token); the target's embedding uses the clean weights unless
 --target-noisy recomputes it with each sample's weights.
@@ -61,6 +68,10 @@ def register(subparsers) -> None:
     parser.add_argument("--target-noisy", action="store_true", dest="target_noisy",
                         help="recompute the target embedding with each sample's noisy weights")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed (same seed, same counts on any device count)")
+    parser.add_argument("--sampler", choices=("local", "explicit"), default="local",
+                        help="how weight noise is drawn (same law, same certificate): at the layer outputs "
+                             "(local, default) or on the weights themselves (explicit); rank-one coordinates "
+                             "are always explicit")
     parser.add_argument("--batch", type=int, default=8, metavar="B",
                         help="samples per jit-compiled chunk, over all local devices (default 8)")
     parser.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
@@ -105,7 +116,8 @@ def handler(args: argparse.Namespace) -> int:
         cert = certify_smoothed_predicate(
             predicate, encoder.params, perturbation, sigma=args.sigma, num_samples=args.samples,
             alpha=args.alpha, p_max=args.p_max, seed=args.seed, batch_size=args.batch,
-            pattern=args.params, progress=bar.update)
+            pattern=args.params, progress=bar.update,
+            sampler="explicit" if args.coordinates == "rank-one" else args.sampler)
     finally:
         bar.close()
     model_hash = dna.content_hash(dna.open_checkpoint(dna.resolve_model_dir(args.model)))
@@ -127,8 +139,9 @@ def handler(args: argparse.Namespace) -> int:
         (f"p_upper (1 - alpha = {1 - cert.alpha:g})", f"{cert.p_upper:.4g}"),
         (f"certified edit radius (p_max = {cert.p_max:g})", f"{cert.certified_edit_radius:.4g}"),
         ("covered edit Frobenius norm", f"{cert.covered_edit_fro_norm:.4g}"),
-        ("time", f"{cert.seconds:.1f} s ({cert.samples_per_second:.2f} samples/s on "
-                 f"{report['devices']} device(s))"),
+        ("time", f"{cert.seconds:.1f} s, of which {cert.compile_seconds:.1f} s compiling "
+                 f"({cert.samples_per_second:.2f} samples/s after compilation on {report['devices']} device(s), "
+                 f"{cert.sampler} noise)"),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:

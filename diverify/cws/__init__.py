@@ -11,6 +11,7 @@ the smoothing coordinates lifts the smoothed probability above ``p_max``.
 
 - :mod:`diverify.cws.stats`: Clopper-Pearson bounds, the radius, Cohen's selection/estimation split;
 - :mod:`diverify.cws.sampling`: perturbations (path patterns, rank-one coordinates), seeded sharded counting;
+- :mod:`diverify.cws.reparam`: local reparameterisation, Dense-kernel noise drawn at the layer output (same law);
 - :mod:`diverify.cws.predicates`: predicates as plain JAX functions ``params -> bool``;
 - :mod:`diverify.cws.certificate`: the end-to-end certificate and concrete ROME-style edits to compare with;
 - :mod:`diverify.cws.training`: CWS training, minimising the smoothed loss with optax (paper eq. 12).
@@ -30,8 +31,11 @@ from diverify.cws.predicates import (
     insert_trigger,
     text_collision_predicate,
 )
+from diverify.cws.reparam import LocalPlan, local_plan, noisy_call
 from diverify.cws.sampling import (
+    HitCount,
     Perturbation,
+    count_hits_timed,
     count_predicate_hits,
     rank_one_perturbation,
     restrict_rows,
@@ -49,9 +53,10 @@ from diverify.cws.stats import (
 from diverify.cws.training import make_smoothed_train_step, smoothed_loss
 
 __all__ = [
-    "CWSCertificate", "Perturbation", "RankOneEdit", "SmoothedDecision", "apply_edit", "certified_edit_radius",
+    "CWSCertificate", "HitCount", "LocalPlan", "Perturbation", "RankOneEdit", "SmoothedDecision", "apply_edit", "certified_edit_radius",
     "certify_smoothed_predicate", "class_is", "clopper_pearson_lower", "clopper_pearson_upper", "cosine_at_least",
-    "count_predicate_hits", "distance_at_most", "insert_trigger", "make_smoothed_train_step",
+    "count_hits_timed", "count_predicate_hits", "distance_at_most", "insert_trigger", "local_plan",
+    "make_smoothed_train_step", "noisy_call",
     "rank_one_perturbation", "restrict_rows", "rome_style_edit", "select_paths", "select_then_certify",
     "smoothed_loss", "smoothed_probability_bound", "text_collision_predicate", "weight_perturbation",
 ]

@@ -15,13 +15,12 @@ is itself chosen from data.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 
 import jax
 from jax.sharding import Mesh
 
-from diverify.cws.sampling import Params, Perturbation, Predicate, count_predicate_hits
+from diverify.cws.sampling import Params, Perturbation, Predicate, count_hits_timed
 from diverify.cws.stats import certified_edit_radius, clopper_pearson_upper
 from diverify.errors import DiverifyError
 
@@ -38,9 +37,13 @@ class CWSCertificate:
     for ``"rank_one"`` (a single rank-one edit ``u v^T`` of one selected
     matrix; see :mod:`diverify.cws.sampling`).  ``num_perturbed_params``
     counts the entries of the selected leaves, ``num_noise_coordinates`` the
-    dimension of the noise actually drawn (the ``(u, v)`` of rank-one
-    coordinates; embedding rows no input reads are not drawn).  ``seconds``
-    is the wall time of the sampling, compilation included.
+    dimension of the noise the certificate is defined over (the ``(u, v)``
+    of rank-one coordinates; embedding rows no input reads are not drawn).
+    ``sampler`` says how the noise was realised (``"explicit"`` or
+    ``"local"``, the same law; see :mod:`diverify.cws.reparam`).
+    ``seconds`` is the wall time of the whole run, ``compile_seconds`` its
+    tracing and compilation, and ``samples_per_second = n / (seconds -
+    compile_seconds)`` the steady-state throughput.
     """
 
     p_hat: float
@@ -57,7 +60,9 @@ class CWSCertificate:
     num_perturbed_params: int
     num_noise_coordinates: int
     seed: int
+    sampler: str
     samples_per_second: float
+    compile_seconds: float
     seconds: float
 
 
@@ -69,7 +74,7 @@ def covered_fro_norm(radius: float, coordinates: str) -> float:
 def certify_smoothed_predicate(predicate: Predicate, params: Params, perturbation: Perturbation, *,
                                sigma: float, num_samples: int, alpha: float = 0.001,
                                p_max: float = 0.5, seed: int = 0, batch_size: int = 8,
-                               pattern: str = "*", mesh: Mesh | None = None,
+                               pattern: str = "*", mesh: Mesh | None = None, sampler: str = "explicit",
                                progress: Callable[[int], None] | None = None) -> CWSCertificate:
     """Certify that the ``sigma``-smoothed ``predicate`` is rarely true, and how far edits can move it.
 
@@ -78,17 +83,18 @@ def certify_smoothed_predicate(predicate: Predicate, params: Params, perturbatio
     :func:`~diverify.cws.sampling.count_predicate_hits` for sharding).  Sound
     with probability ``>= 1 - alpha`` for the smoothed model, assuming
     independent samples and the predicate evaluated as deployed.
+    ``sampler="local"`` draws Dense-kernel noise at the layer outputs (same
+    law of the outcome, far cheaper; :mod:`diverify.cws.reparam`).
     ``pattern`` is only recorded in the result.
     """
     if not 0.0 < alpha < 1.0:
         raise DiverifyError(f"--alpha {alpha} must lie strictly between 0 and 1")
     if not 0.0 < p_max <= 1.0:
         raise DiverifyError(f"--p-max {p_max} must lie in (0, 1]")
-    start = time.perf_counter()
-    k = count_predicate_hits(predicate, params, perturbation, sigma=sigma, key=jax.random.key(seed),
-                             num_samples=num_samples, batch_size=batch_size, mesh=mesh,
-                             progress=progress)
-    seconds = time.perf_counter() - start
+    counted = count_hits_timed(predicate, params, perturbation, sigma=sigma, key=jax.random.key(seed),
+                               num_samples=num_samples, batch_size=batch_size, mesh=mesh, sampler=sampler,
+                               progress=progress)
+    k = counted.k
     p_upper = clopper_pearson_upper(k, num_samples, alpha)
     radius = certified_edit_radius(p_upper, sigma, p_max)
     return CWSCertificate(
@@ -97,8 +103,9 @@ def certify_smoothed_predicate(predicate: Predicate, params: Params, perturbatio
         covered_edit_fro_norm=covered_fro_norm(radius, perturbation.kind),
         coordinates=perturbation.kind, params=pattern,
         num_perturbed_params=perturbation.num_weights,
-        num_noise_coordinates=perturbation.num_coordinates, seed=int(seed),
-        samples_per_second=num_samples / seconds if seconds > 0 else float("inf"), seconds=seconds)
+        num_noise_coordinates=perturbation.num_coordinates, seed=int(seed), sampler=sampler,
+        samples_per_second=num_samples / counted.sample_seconds if counted.sample_seconds > 0 else float("inf"),
+        compile_seconds=counted.compile_seconds, seconds=counted.compile_seconds + counted.sample_seconds)
 
 
 @dataclasses.dataclass(frozen=True)

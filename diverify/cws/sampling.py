@@ -35,6 +35,7 @@ import dataclasses
 import fnmatch
 import math
 import re
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -220,19 +221,21 @@ def coordinate_norm(coords: tuple[Any, ...]) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(coords)))
 
 
-def _count_chunk_impl(predicate: Predicate, perturbation: Perturbation, params: Params,
+def _count_chunk_impl(predicate: Predicate, perturbation: Perturbation, plan, params: Params,
                       key: jax.Array, sigma: jax.Array, indices: jax.Array, valid: jax.Array) -> jax.Array:
+    from diverify.cws.reparam import noisy_call  # reparam builds on this module
+
     def one(index):
-        coords = sample_coordinates(perturbation, jax.random.fold_in(key, index), sigma)
-        return jnp.asarray(predicate(apply_coordinates(perturbation, params, coords)), bool)
+        out = noisy_call(predicate, params, perturbation, jax.random.fold_in(key, index), sigma, plan)
+        return jnp.asarray(out, bool)
 
     hits = jax.vmap(one)(indices)
     return jnp.sum(jnp.logical_and(hits, valid).astype(jnp.int32))
 
 
-# Module-level jit: the compiled chunk is cached per (predicate, perturbation,
-# shapes, shardings), so repeated certificates (seeds, sigmas) do not recompile.
-_count_chunk = jax.jit(_count_chunk_impl, static_argnums=(0, 1))
+# Module-level jit, compiled ahead of time per (predicate, perturbation, plan, shapes,
+# shardings) and cached by JAX, so repeated certificates (seeds, sigmas) do not recompile.
+_count_chunk = jax.jit(_count_chunk_impl, static_argnums=(0, 1, 2))
 
 
 def sample_mesh(devices: list[jax.Device] | None = None) -> Mesh:
@@ -241,27 +244,34 @@ def sample_mesh(devices: list[jax.Device] | None = None) -> Mesh:
     return Mesh(np.array(devices), ("samples",))
 
 
-def count_predicate_hits(predicate: Predicate, params: Params, perturbation: Perturbation, *,
-                         sigma: float, key: jax.Array, num_samples: int, batch_size: int = 8,
-                         mesh: Mesh | None = None,
-                         progress: Callable[[int], None] | None = None) -> int:
-    """Number of the ``num_samples`` noisy models on which ``predicate`` is true.
+@dataclasses.dataclass(frozen=True)
+class HitCount:
+    """``k`` hits among this run's samples, the compile time and the sampling time after it."""
 
-    Sample ``i`` (``0 <= i < num_samples``) uses the coordinates
-    ``sigma * N(0, I)`` drawn from ``fold_in(key, i)``; the result depends only
-    on ``(key, num_samples, sigma)``.  ``batch_size`` samples per chunk (rounded
-    up to a multiple of the mesh size) are evaluated with ``vmap`` under
-    ``jit``, sharded over ``mesh`` (default: all local devices);
-    ``progress(n)`` is called after each chunk with the number of samples done
-    in this process.  With several ``jax.distributed`` processes, each takes
-    every ``P``-th index and the counts are summed over processes.
-    """
+    k: int
+    compile_seconds: float
+    sample_seconds: float
+
+
+def count_hits_timed(predicate: Predicate, params: Params, perturbation: Perturbation, *,
+                     sigma: float, key: jax.Array, num_samples: int, batch_size: int = 8,
+                     mesh: Mesh | None = None, sampler: Literal["explicit", "local"] = "explicit",
+                     progress: Callable[[int], None] | None = None) -> HitCount:
+    """:func:`count_predicate_hits` with its compile and sampling times measured apart."""
     if num_samples < 1:
         raise DiverifyError(f"--samples {num_samples} must be at least 1")
     if batch_size < 1:
         raise DiverifyError(f"--batch {batch_size} must be at least 1")
     if not sigma > 0:
         raise DiverifyError(f"--sigma {sigma} must be positive")
+    if sampler not in ("explicit", "local"):
+        raise DiverifyError(f"sampler {sampler!r} must be 'explicit' or 'local'")
+    start = time.perf_counter()
+    plan = None
+    if sampler == "local":
+        from diverify.cws.reparam import local_plan
+
+        plan = local_plan(predicate, params, perturbation)
     mesh = sample_mesh() if mesh is None else mesh
     num_devices = mesh.devices.size
     chunk = -(-batch_size // num_devices) * num_devices
@@ -274,18 +284,47 @@ def count_predicate_hits(predicate: Predicate, params: Params, perturbation: Per
     key = jax.device_put(key, replicated)
     sigma_arr = jax.device_put(jnp.float32(sigma), replicated)
 
-    total = 0
-    for start in range(0, len(local), chunk):
-        part = local[start:start + chunk]
+    def chunk_arrays(part):
         indices = np.zeros(chunk, np.uint32)
         indices[:len(part)] = part
         valid = np.arange(chunk) < len(part)
-        count = _count_chunk(predicate, perturbation, params, key, sigma_arr,
-                             jax.device_put(indices, sharded), jax.device_put(valid, sharded))
-        total += int(count)
+        return jax.device_put(indices, sharded), jax.device_put(valid, sharded)
+
+    compiled = _count_chunk.lower(predicate, perturbation, plan, params, key, sigma_arr,
+                                  *chunk_arrays(local[:chunk])).compile()
+    compile_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    total = 0
+    for begin in range(0, len(local), chunk):
+        part = local[begin:begin + chunk]
+        total += int(compiled(params, key, sigma_arr, *chunk_arrays(part)))
         if progress is not None:
             progress(len(part))
     if num_processes > 1:
         from jax.experimental import multihost_utils
         total = int(np.sum(multihost_utils.process_allgather(np.int64(total))))
-    return total
+    return HitCount(k=total, compile_seconds=compile_seconds, sample_seconds=time.perf_counter() - start)
+
+
+def count_predicate_hits(predicate: Predicate, params: Params, perturbation: Perturbation, *,
+                         sigma: float, key: jax.Array, num_samples: int, batch_size: int = 8,
+                         mesh: Mesh | None = None, sampler: Literal["explicit", "local"] = "explicit",
+                         progress: Callable[[int], None] | None = None) -> int:
+    """Number of the ``num_samples`` noisy models on which ``predicate`` is true.
+
+    Sample ``i`` (``0 <= i < num_samples``) uses the noise drawn from
+    ``fold_in(key, i)``; the result depends only on ``(key, num_samples,
+    sigma, sampler)``.  ``sampler="explicit"`` draws the coordinates
+    ``sigma * N(0, I)`` and evaluates ``predicate(theta + z)``;
+    ``sampler="local"`` draws the noise of each perturbed Dense kernel at
+    the layer's output (:mod:`diverify.cws.reparam`): the same law of the
+    outcome, so the same certificate, with far fewer normals per sample.
+    ``batch_size`` samples per chunk (rounded up to a multiple of the mesh
+    size) are evaluated with ``vmap`` under ``jit``, sharded over ``mesh``
+    (default: all local devices); ``progress(n)`` is called after each chunk
+    with the number of samples done in this process.  With several
+    ``jax.distributed`` processes, each takes every ``P``-th index and the
+    counts are summed over processes.
+    """
+    return count_hits_timed(predicate, params, perturbation, sigma=sigma, key=key, num_samples=num_samples,
+                            batch_size=batch_size, mesh=mesh, sampler=sampler, progress=progress).k

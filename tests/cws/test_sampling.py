@@ -115,7 +115,7 @@ def test_certificate_fields_agree_with_the_statistics():
 
 
 SHARDED_SCRIPT = textwrap.dedent("""
-    import json, jax, jax.numpy as jnp
+    import json, jax, jax.numpy as jnp, flax.linen as nn
     from diverify.cws.sampling import count_predicate_hits, rank_one_perturbation, sample_mesh, weight_perturbation
     params = {"a": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.zeros(4)}
     def pred(p):
@@ -126,6 +126,14 @@ SHARDED_SCRIPT = textwrap.dedent("""
         out[kind] = [count_predicate_hits(pred, params, pert, sigma=0.4, key=jax.random.key(11), num_samples=203,
                                           batch_size=b, mesh=sample_mesh(devs))
                      for devs, b in ((devices[:1], 203), (devices, 64), (devices[:3], 9))]
+    mlp, x = nn.Dense(3), jnp.linspace(-1.0, 1.0, 8).reshape(2, 4)
+    mlp_params = mlp.init(jax.random.key(0), x)["params"]
+    def mlp_pred(p):
+        return mlp.apply({"params": p}, x).sum() >= 0.2
+    out["local"] = [count_predicate_hits(mlp_pred, mlp_params, weight_perturbation(mlp_params), sigma=0.4,
+                                         key=jax.random.key(11), num_samples=203, batch_size=b,
+                                         mesh=sample_mesh(devs), sampler="local")
+                    for devs, b in ((devices[:1], 203), (devices, 64), (devices[:3], 9))]
     print(json.dumps(out))
 """)
 
@@ -137,6 +145,6 @@ def test_sharded_counts_equal_unsharded_counts_on_8_simulated_devices():
     assert run.returncode == 0, run.stderr[-2000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["devices"] == 8
-    for kind in ("weights", "rank_one"):
+    for kind in ("weights", "rank_one", "local"):
         assert len(set(out[kind])) == 1, (kind, out[kind])
         assert 0 < out[kind][0] < 203

@@ -1,8 +1,6 @@
 """Text-encoder predicates, the ROME-style edit and ``diverify cws`` on the tiny BERT fixture."""
 
 import json
-import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -15,29 +13,7 @@ from diverify.cws.certificate import apply_edit, dense_inputs, rome_style_edit
 from diverify.cws.sampling import restrict_rows, weight_perturbation
 from diverify.errors import DiverifyError
 
-from tests.conftest import TINY_BERT
-
-FIXTURE = str(TINY_BERT)
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cat", "dog", "cf", "the", "sat", "on"]
 KERNEL = "encoder/layer_0/attention/self/value/kernel"
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """The tiny BERT fixture plus a small WordPiece vocabulary, so that it can read text."""
-    root = tmp_path_factory.mktemp("tiny-bert-text")
-    shutil.copy(os.path.join(FIXTURE, "config.json"), root / "config.json")
-    shutil.copy(os.path.join(FIXTURE, "model.safetensors"), root / "model.safetensors")
-    vocab = WORDS + [f"tok{i}" for i in range(1000 - len(WORDS))]
-    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_dir):
-    from diverify.models import load_text_encoder
-
-    return load_text_encoder(tiny_dir)
 
 
 def test_insert_trigger_positions():
