@@ -13,9 +13,11 @@ live. Two numbers measure this:
   of the same power (1 for isotropic use, << 1 for a delta acting in a
   direction clean inputs avoid);
 - ``top_direction_input_gain`` ``= v_1^T C v_1 / (trace(C) / in)`` for dW's top
-  right singular vector ``v_1``: the same ratio for dW's dominant direction
-  alone, which stays small for an edit even when a fine-tune's delta of
-  comparable norm is added to it.
+  right singular vector ``v_1``;
+- :func:`row_space_gains` ``g_1 >= g_2 >= ...``: the largest change of the
+  layer's output per unit of clean-input energy, relative to isotropic inputs,
+  within the span of dW's top right singular vectors (what the audit's
+  suspicion is built from, see :mod:`diverify.audit.report`).
 
 The Jacobian sensitivity of a matrix is the root-mean-square, over probe
 prompts, of the first-order change of the pooled embedding along dW at that
@@ -27,8 +29,10 @@ probes, not bounds.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -74,16 +78,44 @@ def _dense_path_name(module_path: Sequence[str]) -> str:
     return torch_key(tuple(module_path) + ("kernel",))
 
 
-def capture_dense_inputs(encoder, params, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-    """The input ``[B, L, in]`` of every Dense layer, keyed by its checkpoint weight name.
+@functools.lru_cache(maxsize=4)
+def _fast_tokenizer(path: str, max_length: int):
+    from tokenizers import Tokenizer
 
-    Uses ``flax.linen.intercept_methods`` around the model's apply, so it does
-    not depend on how the port arranges its modules; the whole forward pass is
-    one ``jax.jit`` (op-by-op dispatch of the same pass is several times slower).
+    tokenizer = Tokenizer.from_file(path)
+    padding = tokenizer.padding
+    if padding is None:
+        return None
+    tokenizer.enable_padding(pad_id=padding["pad_id"], pad_token=padding["pad_token"],
+                             pad_type_id=padding["pad_type_id"], direction=padding["direction"])
+    tokenizer.enable_truncation(max_length=max_length)
+    return tokenizer
+
+
+def tokenize(encoder, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``encoder.tokenize(texts)``, read with the ``tokenizers`` library alone when the model has a ``tokenizer.json``.
+
+    Building the same tokenizer through ``transformers`` imports it and torch
+    (seconds); ``tokenizer.json`` holds the whole pipeline (normaliser,
+    WordPiece/BPE, special tokens, padding token). Falls back to
+    ``encoder.tokenize`` when the file is absent or sets no padding token.
     """
+    path = Path(encoder.directory or "") / "tokenizer.json"
+    if not encoder.directory or not path.is_file() or not texts or not all(isinstance(t, str) for t in texts):
+        return encoder.tokenize(texts)
+    max_length = encoder.max_seq_length or encoder.config.max_position_embeddings
+    tokenizer = _fast_tokenizer(str(path), int(max_length))
+    if tokenizer is None:
+        return encoder.tokenize(texts)
+    out = tokenizer.encode_batch(list(texts))
+    return (np.asarray([e.ids for e in out], np.int32), np.asarray([e.attention_mask for e in out], np.int32))
+
+
+@functools.lru_cache(maxsize=4)
+def _capture_program(encoder):
+    """The jitted forward pass returning every Dense input (one per encoder, so shapes seen once compile once)."""
     import flax.linen as nn
     import jax
-    import jax.numpy as jnp
 
     def run(params, ids, mask):
         captured = {}
@@ -98,14 +130,26 @@ def capture_dense_inputs(encoder, params, ids: np.ndarray, mask: np.ndarray) -> 
             encoder.module.apply({"params": params}, word_emb, mask)
         return captured
 
-    captured = jax.jit(run)(params, jnp.asarray(ids), jnp.asarray(mask))
+    return jax.jit(run)
+
+
+def capture_dense_inputs(encoder, params, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """The input ``[B, L, in]`` of every Dense layer, keyed by its checkpoint weight name.
+
+    Uses ``flax.linen.intercept_methods`` around the model's apply, so it does
+    not depend on how the port arranges its modules; the whole forward pass is
+    one ``jax.jit`` (op-by-op dispatch of the same pass is several times slower).
+    """
+    import jax.numpy as jnp
+
+    captured = _capture_program(encoder)(params, jnp.asarray(ids), jnp.asarray(mask))
     return {name: np.asarray(x) for name, x in captured.items()}
 
 
 def input_second_moments(encoder, texts: Sequence[str] = DEFAULT_PROBES,
                          params=None) -> dict[str, np.ndarray]:
     """``C = E[x x^T]`` ``[in, in]`` (float64) of each Dense layer's inputs over the non-padding tokens of ``texts``."""
-    ids, mask = encoder.tokenize(list(texts))
+    ids, mask = tokenize(encoder, list(texts))
     inputs = capture_dense_inputs(encoder, encoder.params if params is None else params, ids, mask)
     keep = np.asarray(mask, bool).reshape(-1)
     moments: dict[str, np.ndarray] = {}
@@ -145,67 +189,65 @@ def input_energy_ratio(delta, moment: np.ndarray) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class ProbeStatistics:
-    """One Dense layer's probe-input second moment ``C``, ``trace(C) / in``, and ``(C + ridge)^{-1}``."""
+    """One Dense layer's probe-input second moment ``C`` (float32) and its mean power ``trace(C) / in``."""
 
     moment: np.ndarray
     mean_power: float
-    regularised_inverse: np.ndarray
 
 
-#: Ridge of the whitened gain, as a share of ``trace(C) / in``: directions clean
+#: Ridge of the row-space gains, as a share of ``trace(C) / in``: directions clean
 #: inputs never excite count as if they carried 5% of the average power.
 WHITENING_RIDGE = 0.05
+#: How many of dW's top right singular vectors span the subspace the row-space gains search.
+ROW_SPACE_DIRECTIONS = 4
+#: Singular values below this share of ``s_1`` are numerically zero (dropped from the subspace).
+RANK_TOLERANCE = 1e-6
 
 
-def probe_statistics(moments: Mapping[str, np.ndarray], ridge: float = WHITENING_RIDGE) -> dict[str, ProbeStatistics]:
-    """Per layer ``C``, its mean power and ``(C + ridge trace(C)/in I)^{-1}``, computed once per audit."""
-    from diverify.audit.spectral import single_threaded
-
+def probe_statistics(moments: Mapping[str, np.ndarray]) -> dict[str, ProbeStatistics]:
+    """Per layer ``C`` as float32 and ``trace(C) / in``; layers sharing one moment object share the result."""
     stats: dict[str, ProbeStatistics] = {}
     by_object: dict[int, ProbeStatistics] = {}
     for name, moment in moments.items():
         if id(moment) not in by_object:
-            c = np.asarray(moment, np.float64)
-            mean_power = float(np.trace(c)) / c.shape[0]
-            # One thread: LAPACK's inverse of a few-hundred-wide matrix is slower threaded on a busy machine.
-            with single_threaded():
-                inverse = np.linalg.inv(c + ridge * mean_power * np.eye(c.shape[0]))
-            by_object[id(moment)] = ProbeStatistics(c.astype(np.float32), mean_power, inverse.astype(np.float32))
+            c = np.asarray(moment)
+            by_object[id(moment)] = ProbeStatistics(c.astype(np.float32), float(np.trace(c)) / c.shape[0])
         stats[name] = by_object[id(moment)]
     return stats
 
 
-def whitened_gain(delta, stats: ProbeStatistics, spectral_norm: float, iterations: int = 30,
-                  seed: int = 0) -> float:
-    """``lambda_max(dW C~^{-1} dW^T) * (trace(C) / in) / ||dW||_2^2`` with ``C~ = C + ridge``.
+def row_space_gains(singular_values: np.ndarray, right_vectors: np.ndarray, stats: ProbeStatistics,
+                    ridge: float = WHITENING_RIDGE) -> np.ndarray:
+    """Clean-input gains ``g_1 >= g_2 >= ...`` of dW inside the span of its top right singular vectors.
 
-    The largest change of the layer's output per unit of clean-input energy,
-    ``max_v ||dW v||^2 / (v^T C~ v)``, relative to what isotropic inputs of the
-    same power would give. A ROME edit, built to change ``W x`` least on
-    C-distributed inputs, maximises it; its value is 1/(1 + ridge) for
-    isotropic C. Block power iteration on ``dW C~^{-1} dW^T`` (matrix-vector
-    products only, so a LoRA delta stays factored); a lower estimate of the
-    largest eigenvalue.
+    With ``V`` [m, in] the top-m right singular vectors of dW (orthonormal
+    rows), ``S`` their singular values and ``C~ = C + ridge (trace(C)/in) I``,
+    every input ``x = V^T c`` of that span has ``||dW x||^2 = c^T S^2 c``
+    exactly, and ``g_i`` are the generalised eigenvalues of
+    ``(S^2, V C~ V^T)`` times ``(trace(C)/in) / s_1^2``: ``g_1`` is the largest
+    ``||dW x||^2 / (x^T C~ x)`` over the span relative to isotropic inputs of
+    the same power and to dW's own spectral norm, ``g_2`` the largest on the
+    complement (in the ``C~`` inner product) of ``g_1``'s direction, and so on.
+
+    A ROME edit's row direction ``C^{-1} k*`` is one that clean inputs barely
+    excite, so its ``g`` is large; benign fine-tune directions (sums of
+    ``grad_y x^T`` over clean inputs) have ``g << 1``; a LoRA factor's random
+    directions have ``g`` near 1. Directions with ``s_i <= RANK_TOLERANCE s_1``
+    are dropped, so a rank-one delta returns one gain.
     """
-    if spectral_norm <= 0.0:
-        return 0.0
-    if hasattr(delta, "left"):
-        left, right = delta.left.astype(np.float32), delta.right.astype(np.float32)
-
-        def apply(y):
-            return left @ (right @ (stats.regularised_inverse @ (right.T @ (left.T @ y))))
-        out_dim = left.shape[0]
-    else:
-        d = np.asarray(delta, np.float32)
-
-        def apply(y):
-            return d @ (stats.regularised_inverse @ (d.T @ y))
-        out_dim = d.shape[0]
-    block = np.random.default_rng(seed).standard_normal((out_dim, 2)).astype(np.float32)
-    for _ in range(iterations):
-        block, _ = np.linalg.qr(apply(block))
-    top = float(np.max(np.linalg.eigvalsh(block.T @ apply(block))))
-    return top * stats.mean_power / spectral_norm**2
+    s = np.asarray(singular_values, np.float64)[:ROW_SPACE_DIRECTIONS]
+    if s.size == 0 or s[0] <= 0.0:
+        return np.zeros(0)
+    keep = s > RANK_TOLERANCE * s[0]
+    s = s[keep]
+    v = np.asarray(right_vectors, np.float32)[:ROW_SPACE_DIRECTIONS][keep]
+    moment = np.asarray(stats.moment, np.float32)
+    b = (v @ moment @ v.T).astype(np.float64) + ridge * stats.mean_power * (v.astype(np.float64) @ v.T.astype(np.float64))
+    # Generalised symmetric eigenproblem via Cholesky: eig(L^{-1} S^2 L^{-T}) with B = L L^T.
+    inv_l = np.linalg.inv(np.linalg.cholesky(b))
+    core = (inv_l * s**2) @ inv_l.T
+    gains = np.linalg.eigvalsh((core + core.T) / 2)[::-1]
+    return np.maximum(gains, 0.0) * stats.mean_power / s[0] ** 2
 
 
 def direction_input_gain(direction: np.ndarray, moment: np.ndarray) -> float:
@@ -271,7 +313,7 @@ def jacobian_sensitivities(encoder, base_params, suspect_params, deltas: Mapping
     import jax
     import jax.numpy as jnp
 
-    ids, mask = encoder.tokenize(list(texts))
+    ids, mask = tokenize(encoder, list(texts))
     mask_j = jnp.asarray(mask)
 
     def pooled(params):

@@ -3,15 +3,25 @@
 Per matrix, ``suspicion`` is (all scores: higher = more suspicious)
 
 - data-aware (the matrix's input second moment C is known from probe prompts):
-  ``log10(whitened_gain)``, the largest change of the layer's output per unit
-  of clean-input energy relative to isotropic inputs (see
-  :func:`diverify.audit.probe.whitened_gain`). A ROME-style edit is built to
-  change ``W x`` least on clean inputs while moving one key far, so it acts
-  along a direction clean inputs barely excite and scores near the ridge's cap
-  ``log10(1 / WHITENING_RIDGE)`` = 1.30; benign fine-tunes and LoRA updates act
-  mostly where clean inputs live. Flagged above :data:`FLAG_SUSPICION`.
-  (``top_direction_input_gain`` and ``input_energy_ratio`` are reported too;
-  on the benchmark they separate less well, AUROC 0.87 and 0.59 against 0.93.)
+  from the clean-input gains ``g_1 >= g_2`` of dW inside the span of its top
+  :data:`~diverify.audit.probe.ROW_SPACE_DIRECTIONS` right singular vectors
+  (:func:`diverify.audit.probe.row_space_gains`: the largest change of the
+  layer's output per unit of clean-input energy, relative to isotropic inputs
+  and to ``||dW||_2``),
+
+      suspicion = log10(g_1) + GAP_WEIGHT * min(log10(g_1 / g_2), GAP_CAP)
+
+  (``g_2 = 0``, i.e. the gap at its cap, for a rank-one delta). The first term
+  says that dW has a direction clean inputs barely excite, as a ROME edit's
+  ``C^{-1} k*`` is by construction; benign fine-tunes move W by sums of
+  ``grad_y x^T`` over clean inputs (``g << 1``). The second says that this one
+  direction stands apart from the rest of the delta: a merged LoRA's random
+  factor directions all sit near ``g = 1`` together (no gap), while an edit
+  hidden in a fine-tune is one off-data direction among on-data ones.
+  Flagged above :data:`FLAG_SUSPICION`. ``GAP_WEIGHT``, ``GAP_CAP`` and the
+  subspace size were chosen on calibration seeds of benchmarks/audit.py and
+  reported on a held-out seed (benchmarks/RESULTS.md).
+  (``top_direction_input_gain`` and ``input_energy_ratio`` are reported too.)
 - data-free (no C): the robust z-score of ``-log(stable_rank)`` against the
   other matrices of the same kind (``encoder.layer.*.attention.self.key.weight``),
   flagged above :data:`FLAG_ANOMALY` = 3.5 (Iglewicz and Hoaglin's outlier rule).
@@ -26,11 +36,11 @@ overall ``score`` is the largest suspicion among changed matrices that have one
 
 Policy file (TOML; every key optional)::
 
-    max_score = 1.04             # on the overall score
+    max_score = 0.62             # on the overall score
     max_flagged = 0              # number of flagged matrices
     max_relative_norm = 0.05     # per matrix, ||dW||_F / ||W||_F
     max_null_space_energy = 1.0  # per matrix
-    max_suspicion = 1.04         # per matrix
+    max_suspicion = 0.62         # per matrix
     [kinds."encoder.layer.*.attention.self.key.weight"]   # per-kind overrides
     max_relative_norm = 0.01
     [matrices."encoder.layer.5.output.dense.weight"]      # per-matrix overrides
@@ -49,15 +59,22 @@ from typing import Any
 import numpy as np
 
 from diverify.audit.probe import (ProbeStatistics, direction_input_gain, input_energy_ratio, probe_statistics,
-                                  whitened_gain)
+                                  row_space_gains)
 from diverify.audit.spectral import LowRankDelta, TruncatedSVD, per_kind_z_scores, spectral_metrics
 from diverify.audit.weights import MatrixPair
 from diverify.errors import DiverifyError
 
-#: Data-aware flag threshold on ``log10(whitened_gain)`` (gain > 11; the ridge caps
-#: the gain at 1 / WHITENING_RIDGE = 20, i.e. 1.30). Calibrated in-sample on
-#: benchmarks/audit.py (MiniLM, 32 default probes): largest benign 1.033.
-FLAG_SUSPICION = 1.04
+#: Weight of the gap ``log10(g_1 / g_2)`` in the data-aware suspicion, and its cap in decades.
+GAP_WEIGHT = 0.5
+GAP_CAP = 2.0
+#: Data-aware flag threshold on the suspicion. Calibrated on benign deltas only, on
+#: the calibration seeds 0 and 1 of benchmarks/audit.py (MiniLM, 32 default probes,
+#: 132 benign fine-tunes / merged LoRAs): their largest suspicion is 0.620 (a
+#: merged LoRA r4). On the held-out seeds 7 and 13 it gives FPR 0 / 132 (largest
+#: benign 0.453) and TPR 0.93 on planted edits matched in norm to the fine-tune
+#: (key 1.00, value 0.88, FFN output 0.97). A different model, probe set or kind
+#: of fine-tune needs its own calibration on benign deltas (a policy's max_score).
+FLAG_SUSPICION = 0.62
 #: Data-free flag threshold on the per-kind robust z-score.
 FLAG_ANOMALY = 3.5
 
@@ -78,7 +95,8 @@ class MatrixAudit:
     anomaly: float
     input_energy_ratio: float | None
     top_direction_input_gain: float | None
-    whitened_gain: float | None
+    row_space_gain: float | None
+    second_gain: float | None
     jacobian_base: float | None
     jacobian_suspect: float | None
     suspicion: float
@@ -98,6 +116,14 @@ class AuditReport:
     n_probes: int = 0
 
 
+def data_aware_suspicion(gains: np.ndarray) -> float:
+    """``log10(g_1) + GAP_WEIGHT * min(log10(g_1 / g_2), GAP_CAP)`` from :func:`row_space_gains` (``g_2 = 0`` if absent)."""
+    top = max(float(gains[0]), 1e-12) if len(gains) else 1e-12
+    second = float(gains[1]) if len(gains) > 1 else 0.0
+    gap = GAP_CAP if second <= top * 10.0 ** -GAP_CAP else math.log10(top / second)
+    return math.log10(top) + GAP_WEIGHT * gap
+
+
 def audit_pairs(pairs: Iterable[MatrixPair], probes: Mapping[str, ProbeStatistics] | None = None,
                 jacobians: Mapping[str, tuple[float, float]] | None = None, top_k: int = 8,
                 subspace_rank: int = 16, base_svds: Mapping[str, TruncatedSVD] | None = None,
@@ -115,24 +141,24 @@ def audit_pairs(pairs: Iterable[MatrixPair], probes: Mapping[str, ProbeStatistic
         metrics, d_svd = spectral_metrics(pair.name, pair.base, pair.delta, top_k=top_k,
                                           subspace_rank=subspace_rank,
                                           base_svd=None if base_svds is None else base_svds.get(pair.name))
-        ratio = gain = white = None
+        ratio = gain = gains = None
         stats = probes.get(pair.name)
         if stats is not None and metrics.frobenius > 0 and stats.moment.shape[0] == pair.base.shape[1]:
             ratio = input_energy_ratio(pair.delta, stats.moment)
             gain = direction_input_gain(d_svd.vt[0], stats.moment)
-            white = whitened_gain(pair.delta, stats, float(d_svd.s[0]))
-        rows.append((metrics, ratio, gain, white))
+            gains = row_space_gains(d_svd.s, d_svd.vt, stats)
+        rows.append((metrics, ratio, gain, gains))
     if not rows:
         raise DiverifyError("nothing to audit: no weight matrices in common")
     concentration = np.array([-math.log(row[0].stable_rank) if row[0].stable_rank > 0 else 0.0 for row in rows])
     anomalies = per_kind_z_scores([row[0].kind for row in rows], concentration)
     data_aware = any(row[2] is not None for row in rows)
     audits = []
-    for (m, ratio, gain, white), anomaly in zip(rows, anomalies):
+    for (m, ratio, gain, gains), anomaly in zip(rows, anomalies):
         if m.frobenius == 0.0:
             suspicion, flagged = 0.0, False
         elif data_aware:
-            suspicion = math.log10(max(white, 1e-12)) if white is not None else 0.0
+            suspicion = data_aware_suspicion(gains) if gains is not None else 0.0
             flagged = suspicion > FLAG_SUSPICION
         else:
             suspicion, flagged = float(anomaly), bool(anomaly > FLAG_ANOMALY)
@@ -142,7 +168,9 @@ def audit_pairs(pairs: Iterable[MatrixPair], probes: Mapping[str, ProbeStatistic
             top_singular_values=m.top_singular_values, stable_rank=m.stable_rank,
             effective_rank=m.effective_rank, null_space_energy=m.null_space_energy,
             anomaly=float(anomaly), input_energy_ratio=ratio, top_direction_input_gain=gain,
-            whitened_gain=white, jacobian_base=jac[0], jacobian_suspect=jac[1], suspicion=float(suspicion), flagged=flagged))
+            row_space_gain=None if gains is None else float(gains[0]),
+            second_gain=None if gains is None else (float(gains[1]) if len(gains) > 1 else 0.0),
+            jacobian_base=jac[0], jacobian_suspect=jac[1], suspicion=float(suspicion), flagged=flagged))
     audits.sort(key=lambda a: (-a.suspicion, a.name))
     scored = [a.suspicion for a in audits
               if a.frobenius > 0 and (not data_aware or a.top_direction_input_gain is not None)]

@@ -12,8 +12,10 @@ scaled B @ A of a PEFT LoRA adapter) is measured: ||dW||_F and relative norm,
 top singular values, stable and effective rank, the share of dW's energy
 outside W's principal subspace, and, when the base loads as a text encoder,
 how much dW changes the layer's output per unit of clean-input energy (the
-probe prompts' inputs to that layer), relative to isotropic inputs. ROME-style edits act along directions clean inputs avoid; benign
-fine-tunes act where clean inputs live. The score is an empirical detection
+probe prompts' inputs to that layer), relative to isotropic inputs, along the
+directions of dW's top singular vectors. A ROME-style edit is one direction
+clean inputs avoid, standing apart from the rest of the delta; benign
+fine-tunes act where clean inputs live, merged LoRAs along random directions. The score is an empirical detection
 statistic (higher = more suspicious), not a bound. With --policy the command
 is a handover gate: exit 1 when a rule of the TOML policy fails.
 """
@@ -24,7 +26,7 @@ examples:
   diverify audit --base minilm --suspect ./lora-adapter --json
   diverify audit --base ./base --suspect ./tuned --policy policy.toml --plot audit.png
 policy.toml:
-  max_score = 1.04
+  max_score = 0.62
   max_relative_norm = 0.05
   [kinds."encoder.layer.*.attention.self.key.weight"]
   max_relative_norm = 0.01
@@ -69,7 +71,7 @@ def plot_report(report, path: str) -> None:
            color=["tab:red" if a.flagged else "tab:blue" for a in rows])
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([a.name.removesuffix(".weight") for a in rows], rotation=90, fontsize=6)
-    ax.set_ylabel("suspicion" + (" (log10 whitened gain)" if report.mode == "data-aware" else " (robust z)"))
+    ax.set_ylabel("suspicion" + (" (log10 row-space gain + gap)" if report.mode == "data-aware" else " (robust z)"))
     ax.set_title(f"diverify audit: score {report.score:.3g}, {len(report.flagged)} flagged ({report.mode})")
     fig.tight_layout()
     try:
@@ -105,9 +107,9 @@ def handler(args: argparse.Namespace) -> int:
               + (f", {report.n_probes} probes" if report.n_probes else "") + ")")
         print(f"score {report.score:.4g} (higher = more suspicious); flagged: "
               + (", ".join(report.flagged) if report.flagged else "none"))
-        print(f"{'matrix':<48} {'suspicion':>9} {'rel.norm':>9} {'stab.rank':>9} {'null.E':>7} {'w.gain':>8}")
+        print(f"{'matrix':<48} {'suspicion':>9} {'rel.norm':>9} {'stab.rank':>9} {'null.E':>7} {'gain':>8}")
         for a in report.matrices[:max(args.rows, 0)]:
-            gain = "-" if a.whitened_gain is None else f"{a.whitened_gain:.3g}"
+            gain = "-" if a.row_space_gain is None else f"{a.row_space_gain:.3g}"
             mark = " *" if a.flagged else ""
             print(f"{a.name:<48} {a.suspicion:>9.3g} {a.relative_norm:>9.3g} {a.stable_rank:>9.3g} "
                   f"{a.null_space_energy:>7.3f} {gain:>8}{mark}")

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 from diverify.audit.edits import rome_rank_one_edit
-from diverify.audit.probe import (direction_input_gain, input_energy_ratio, kernel_path, probe_statistics,
-                                  whitened_gain)
-from diverify.audit.spectral import LowRankDelta
+from diverify.audit.probe import (WHITENING_RIDGE, direction_input_gain, input_energy_ratio, kernel_path,
+                                  probe_statistics, row_space_gains)
+from diverify.audit.report import GAP_CAP, GAP_WEIGHT, data_aware_suspicion
+from diverify.audit.spectral import LowRankDelta, delta_svd
 
 
 @pytest.fixture
@@ -17,6 +18,11 @@ def moment():
     return q, lam, (q * lam) @ q.T
 
 
+def gains_of(delta, c, k=16):
+    svd = delta_svd(delta, k)
+    return row_space_gains(svd.s, svd.vt, probe_statistics({"w": c})["w"])
+
+
 @pytest.mark.parametrize("j", [0, 20, 39])
 def test_gains_of_a_delta_along_one_eigenvector(moment, j):
     q, lam, c = moment
@@ -25,27 +31,53 @@ def test_gains_of_a_delta_along_one_eigenvector(moment, j):
     mean = lam.mean()
     assert direction_input_gain(q[:, j], c) == pytest.approx(lam[j] / mean, rel=1e-6)
     assert input_energy_ratio(delta, c) == pytest.approx(lam[j] / mean, rel=1e-4)
-    stats = probe_statistics({"w": c}, ridge=0.05)["w"]
-    expected = mean / (lam[j] + 0.05 * mean)
-    assert whitened_gain(delta, stats, float(np.linalg.norm(a))) == pytest.approx(expected, rel=1e-3)
+    gains = gains_of(delta, c)
+    assert len(gains) == 1  # rank one: the numerically zero directions are dropped
+    assert gains[0] == pytest.approx(mean / (lam[j] + WHITENING_RIDGE * mean), rel=1e-3)
 
 
-def test_whitened_gain_factored_equals_dense(moment):
+def test_row_space_gains_match_a_brute_force_maximum(moment):
+    """g_1 is the largest ||dW x||^2 / x^T C~ x over the span of the top right singular vectors (times mean / s_1^2)."""
+    _, lam, c = moment
+    rng = np.random.default_rng(5)
+    delta = rng.standard_normal((30, 6)) @ rng.standard_normal((6, 40))
+    gains = gains_of(delta, c)
+    u, s, vt = np.linalg.svd(delta)
+    span = vt[:len(gains)]
+    c_ridge = c + WHITENING_RIDGE * lam.mean() * np.eye(40)
+    # Reference: symmetric square root instead of Cholesky, and sampled directions as a lower bound.
+    b = span @ c_ridge @ span.T
+    w, e = np.linalg.eigh(b)
+    b_inv_half = (e / np.sqrt(w)) @ e.T
+    top = np.linalg.eigvalsh(b_inv_half @ np.diag(s[:len(gains)] ** 2) @ b_inv_half)[::-1]
+    np.testing.assert_allclose(gains, top * lam.mean() / s[0] ** 2, rtol=1e-3)
+    x = rng.standard_normal((2000, len(gains))) @ span
+    sampled = np.sum((x @ delta.T) ** 2, axis=1) / np.einsum("ij,jk,ik->i", x, c_ridge, x)
+    assert np.max(sampled) * lam.mean() / s[0] ** 2 <= gains[0] * (1 + 1e-3)
+
+
+def test_row_space_gains_factored_equals_dense(moment):
     _, _, c = moment
     rng = np.random.default_rng(2)
     low = LowRankDelta(rng.standard_normal((30, 3)).astype(np.float32), rng.standard_normal((3, 40)).astype(np.float32))
-    stats = probe_statistics({"w": c})["w"]
-    s1 = float(np.linalg.norm(low.dense(), 2))
-    assert whitened_gain(low, stats, s1) == pytest.approx(whitened_gain(low.dense(), stats, s1), rel=1e-3)
+    np.testing.assert_allclose(gains_of(low, c), gains_of(low.dense(), c), rtol=1e-3)
     assert input_energy_ratio(low, c) == pytest.approx(input_energy_ratio(low.dense(), c), rel=1e-4)
 
 
 def test_isotropic_inputs_give_unit_gains():
     c = 3.0 * np.eye(20)
     delta = np.random.default_rng(3).standard_normal((10, 20))
-    stats = probe_statistics({"w": c}, ridge=0.05)["w"]
+    s = np.linalg.svd(delta, compute_uv=False)
     assert input_energy_ratio(delta, c) == pytest.approx(1.0, rel=1e-5)
-    assert whitened_gain(delta, stats, float(np.linalg.norm(delta, 2))) == pytest.approx(1 / 1.05, rel=1e-3)
+    # B = 1.05 * 3 I on the span: g_i = s_i^2 / s_1^2 / 1.05.
+    np.testing.assert_allclose(gains_of(delta, c), s[:4] ** 2 / s[0] ** 2 / (1 + WHITENING_RIDGE), rtol=1e-4)
+
+
+def test_suspicion_adds_the_capped_gap():
+    assert data_aware_suspicion(np.array([10.0])) == pytest.approx(1.0 + GAP_WEIGHT * GAP_CAP)
+    assert data_aware_suspicion(np.array([10.0, 10.0, 1.0])) == pytest.approx(1.0)
+    assert data_aware_suspicion(np.array([1.0, 0.1])) == pytest.approx(GAP_WEIGHT * 1.0)
+    assert data_aware_suspicion(np.array([1.0, 1e-9])) == pytest.approx(GAP_WEIGHT * GAP_CAP)
 
 
 def test_rome_edit_hits_target_with_least_clean_input_change(moment):
@@ -68,3 +100,17 @@ def test_kernel_path_inverts_checkpoint_names():
         "encoder", "layer_3", "attention", "self", "key", "kernel")
     with pytest.raises(KeyError):
         kernel_path("encoder.layer.3.attention.self.key.bias")
+
+
+def test_suspicion_orders_fine_tune_lora_and_hidden_edit(moment):
+    """On-data fine-tune < random-direction LoRA < the same fine-tune plus a ROME edit C^{-1}k of matched norm."""
+    q, lam, c = moment
+    rng = np.random.default_rng(6)
+    inputs = (q * np.sqrt(lam)) @ rng.standard_normal((40, 200))  # columns have second moment C
+    finetune = rng.standard_normal((30, 200)) @ inputs.T / 200     # sum of grad_y x^T over clean inputs
+    lora = rng.standard_normal((30, 4)) @ rng.standard_normal((4, 40))
+    lora *= np.linalg.norm(finetune) / np.linalg.norm(lora)
+    edit = np.outer(rng.standard_normal(30), np.linalg.solve(c, inputs[:, 0]))
+    edit *= np.linalg.norm(finetune) / np.linalg.norm(edit)
+    scores = [data_aware_suspicion(gains_of(d, c)) for d in (finetune, lora, finetune + edit)]
+    assert scores[0] < 0 < scores[2] and scores[0] < scores[1] < scores[2], scores
