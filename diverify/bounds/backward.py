@@ -11,6 +11,9 @@ lower bound of it:
   line where ``A_y < 0``;
 * a product ``z = x * y`` (and each term of a ``dot_general`` of two perturbed
   operands) uses McCormick planes likewise;
+* a ``simplex`` node (a softmax's output, ``sum_axis y = 1``) uses the
+  equality: ``<A, y> = <A - mu 1, y> + sum mu`` for ``mu = sum_axis A w``,
+  which weighs the softmax relaxations' errors by ``|A - mu|`` instead of ``|A|``;
 * at the inputs, the input set minimises the remaining linear function
   exactly (:mod:`diverify.specs`).
 
@@ -31,7 +34,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from diverify.bounds import elementwise, forward, relaxations, zonotope
+from diverify.bounds import elementwise, relaxations, zonotope
 from diverify.bounds.graph import Const, Graph, Node
 from diverify.bounds.interval import intersect, node_interval
 from diverify.bounds.ops import kind, linear_offset, linear_part
@@ -85,10 +88,24 @@ def _product_backward(a_out, lx, ux, ly, uy, alpha):
     return ax, ay, bias
 
 
+def _simplex_backward(node: Node, a_out, bounds):
+    """``<A, y>`` with ``sum_axis y = 1``: ``A -> A - mu``, ``bias += sum mu``,
+    ``mu = sum_axis A w`` with ``w`` the renormalised interval middle.
+
+    Exact for every ``y`` on the simplex, whatever ``mu`` is (sound)."""
+    axis = node.params["axis"] + 1
+    mid = jnp.maximum((bounds[0] + bounds[1]) / 2, 0.0)
+    w = mid / jnp.maximum(jnp.sum(mid, axis=axis - 1, keepdims=True), jnp.finfo(mid.dtype).tiny)
+    mu = jnp.sum(a_out * w[None], axis=axis, keepdims=True)
+    return {0: a_out - mu}, _rowsum(mu)
+
+
 def node_backward(node: Node, a_outs, bounds, alpha=None):
     """Back-substitute through one node: returns ({input position: A}, bias)."""
     k = kind(node)
     positions = node.bounded_inputs
+    if node.name == "simplex" and node.inputs[0] in bounds:
+        return _simplex_backward(node, a_outs[0], bounds[node.inputs[0]])
     if k == "linear":
         f = linear_part(node)
         zeros = [jnp.zeros(node.in_avals[i].shape, a_outs[0].dtype) for i in positions]
@@ -188,14 +205,11 @@ def intermediate_bounds(graph: Graph, input_sets, method: str = "crown"):
     CROWN pass of its own, which uses the relaxations of the nodes before it;
     the two intervals are intersected (both are sound, so the intersection
     is). ``method="ibp"`` keeps the IBP intervals (CROWN-IBP);
-    ``method="forward"`` takes forward linear bounds (:mod:`diverify.bounds.forward`),
-    ``method="zonotope"`` zonotope bounds (:mod:`diverify.bounds.zonotope`).
+    ``method="forward"`` takes forward linear bounds and ``method="zonotope"``
+    zonotope bounds (both :mod:`diverify.bounds.zonotope`).
     """
-    if method == "forward":
-        env, flags, _ = forward.propagate(graph, input_sets)
-        return env, flags
-    if method == "zonotope":
-        return zonotope.propagate(graph, input_sets)
+    if method in ("forward", "zonotope"):
+        return zonotope.propagate(graph, input_sets, fresh_errors=method == "zonotope")
     env = dict(zip(graph.inputs, [s.interval() for s in input_sets]))
     needed = needs_bounds(graph) if method == "crown" else set()
     flags = []

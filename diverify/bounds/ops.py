@@ -28,7 +28,7 @@ STRUCTURAL = frozenset({
     "add", "add_any", "reduce_sum", "reshape", "broadcast_in_dim", "transpose", "squeeze",
     "expand_dims", "concatenate", "slice", "dynamic_slice", "dynamic_update_slice", "gather",
     "pad", "select_n", "convert_element_type", "rev", "cumsum", "scatter-add", "scatter_add",
-    "split", "real", "copy",
+    "split", "real", "copy", "simplex",
 })
 #: Operand positions that are indices or predicates and must be constant.
 INDEX_OPERANDS = {

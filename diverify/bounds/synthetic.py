@@ -17,7 +17,9 @@ What a match becomes:
   al. 2021): the differences ``x_j - x_i`` are linear, so correlated
   perturbations cancel before the exponential, and the reciprocal's argument
   is provably ``>= 1``; even interval arithmetic on this form gives the
-  tight softmax interval.
+  tight softmax interval. Its result then passes a ``simplex`` node: the
+  identity on values, which records that the values sum to one along
+  ``axis`` so that a method may use that equality (the zonotope method does).
 
 A light normalisation pass then rewrites the remaining primitives into the
 few node kinds the methods know: ``max(x, c)`` -> ``relu``, ``div(a, y)``
@@ -54,6 +56,27 @@ class Unary:
         return self.impl(x)
 
     multiple_results = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Simplex:
+    """The identity on values that lie on the probability simplex along ``axis``.
+
+    A linear node for every method; the marker lets a method enforce the
+    equality ``sum_axis y = 1`` that the pairwise softmax's relaxations lose.
+    """
+
+    def bind(self, x, **_):
+        return x
+
+    multiple_results = False
+
+
+def _simplex_node(y, out_id: int, axis: int, like: Node, builder) -> Node:
+    aval = builder.avals[y]
+    return Node(name="simplex", primitive=Simplex(), params={"axis": axis % len(aval.shape)},
+                inputs=(y,), outputs=(out_id,), out_avals=like.out_avals, in_avals=(aval,),
+                source=like.source)
 
 
 def _softmax_pairwise(x, axis):
@@ -237,7 +260,9 @@ def _replace_patterns(nodes: tuple, avals: dict, outputs: list, builder) -> tupl
                 axis = _softmax_axis([nodes[i] for i in mapping], avals[x].shape)
                 if axis is None:
                     continue
-                new_nodes = _inline_fn(builder, functools.partial(_softmax_pairwise, axis=axis), x, node.outputs[0])
+                y = builder.new_value(avals[node.outputs[0]])
+                new_nodes = _inline_fn(builder, functools.partial(_softmax_pairwise, axis=axis), x, y)
+                new_nodes += (_simplex_node(y, node.outputs[0], axis, node, builder),)
             else:
                 new_nodes = (_unary_node(pat.name, x, node, builder),)
             absorbed |= inner

@@ -1,4 +1,11 @@
-"""Zonotope bound propagation: relaxation errors as fresh symbols (DeepZ, Singh et al. 2018; DeepT, Bonaert et al. 2021).
+"""Forward linear bounds: symbolic intervals, and zonotopes whose relaxation errors are fresh symbols.
+
+This module implements two methods. ``forward`` ("forward CROWN", symbolic
+intervals) carries every value as an affine function of the perturbed inputs
+plus an interval slack; ``zonotope`` (DeepZ, Singh et al. 2018; DeepT,
+Bonaert et al. 2021) in addition turns that slack into fresh error symbols.
+Forward costs grow with the number of input coordinates, not with the output
+size: the cheap method when few coordinates are perturbed (one token).
 
 Every value ``v`` is carried forward as an affine function of *symbols* plus
 an interval slack::
@@ -9,8 +16,10 @@ The symbol blocks ``s_b`` are the perturbed inputs (``s_b = x_i`` in its input
 set) and *error blocks* (``s_b`` in ``[-1, 1]^n``, one fresh block per
 relaxation). Affine nodes map every ``T_b`` exactly through JAX's own linear
 map of the primitive; nonlinear nodes keep a middle slope and put their
-remainder into the slack (as :mod:`diverify.bounds.forward` does). The
-difference from symbolic intervals is what happens next: the slack of every
+remainder into the slack; a product uses ``xy = c_y x + c_x y - c_x c_y +
+(x - c_x)(y - c_y)`` with interval midpoints ``c`` and ``|(x - c_x)(y - c_y)|
+<= r_x r_y``. That is all ``forward`` does. ``zonotope`` differs in what
+happens next: the slack of every
 value of at most :data:`FRESH_LIMIT` elements becomes a fresh error block
 ``diag(radius)`` right away, so that the later linear layers map it with its
 signs (``W diag(r)``) instead of through ``|W|``, and the residual branches,
@@ -228,8 +237,36 @@ def _fresh(v: Zonotope, blocks: _Blocks) -> Zonotope:
     return Zonotope(terms, v.offset + (lo + hi) / 2, zero, zero, False)
 
 
-def propagate(graph: Graph, input_sets):
-    """Zonotope bounds of every value: returns (intervals id -> (l, u), domain flags)."""
+def _on_simplex(v: Zonotope, axis: int, bounds, blocks: _Blocks) -> Zonotope:
+    """Use ``sum_axis y = 1`` (a softmax's output): ``y -> y - w (sum_axis y - 1)``.
+
+    The map is the identity on every ``y`` that sums to one, so it is sound for
+    any weights ``w`` (with ``sum_axis w = 1`` the form sums to one too); applied to the affine form it
+    makes the relaxations' errors of one softmax row cancel exactly in the
+    sum, so that a later ``softmax @ V`` sees them against ``V - sum_j w_j V_j``
+    instead of ``V``. ``w`` is the middle of the interval, renormalised.
+    """
+    if v.has_slack:
+        v = _fresh(v, blocks)
+        if v.has_slack:
+            return v
+    mid = jnp.maximum((bounds[0] + bounds[1]) / 2, 0.0)
+    w = mid / jnp.maximum(jnp.sum(mid, axis=axis, keepdims=True), jnp.finfo(mid.dtype).tiny)
+    rank = w.ndim
+    terms = {}
+    for b, t in v.terms.items():
+        ax = axis + t.ndim - rank
+        terms[b] = t - w * jnp.sum(t, axis=ax, keepdims=True)
+    offset = v.offset - w * (jnp.sum(v.offset, axis=axis, keepdims=True) - 1.0)
+    return dataclasses.replace(v, terms=terms, offset=offset)
+
+
+def propagate(graph: Graph, input_sets, fresh_errors: bool = True):
+    """Bounds of every value: returns (intervals id -> (l, u), domain flags).
+
+    ``fresh_errors=True`` is the zonotope method; ``False`` keeps every
+    relaxation's error in the interval slack (the forward method).
+    """
     blocks = _Blocks({}, {})
     forms: dict = {}
     env: dict = {}
@@ -248,6 +285,8 @@ def propagate(graph: Graph, input_sets):
         if k == "linear":
             ins = [v if isinstance(v, Const) else forms[v] for v in node.inputs]
             outs = _linear(node, ins, blocks)
+            if node.name == "simplex" and fresh_errors:
+                outs = [_on_simplex(outs[0], node.params["axis"], env[node.inputs[0]], blocks)]
         elif k == "unary":
             (x,) = node.inputs
             outs = [_unary(node, forms[x], env[x])]
@@ -260,7 +299,7 @@ def propagate(graph: Graph, input_sets):
             outs = [_dot(node, forms[x], forms[y], env[x], env[y], blocks)]
         flags.append(ok)
         for vid, form, iv in zip(node.outputs, outs, outs_iv):
-            if form.has_slack or _error_symbols(form, blocks) > SYMBOL_BUDGET:
+            if fresh_errors and (form.has_slack or _error_symbols(form, blocks) > SYMBOL_BUDGET):
                 form = _fresh(form, blocks)
             lo, hi = concretise(form, blocks)
             forms[vid] = form

@@ -7,6 +7,7 @@ import pytest
 from diverify import cmav
 from diverify.bounds import compile_bounds
 from diverify.errors import DiverifyError
+from diverify.specs import Box
 from diverify.models import load_text_encoder
 from tests.bounds.sampling import check_sound
 
@@ -25,3 +26,25 @@ def test_zonotope_is_sound_on_tiny_bert_where_symbolic_intervals_fail(tiny_bert_
     out = compile_bounds(fn, ball, method="zonotope")(ball).output
     assert float(np.mean(np.asarray(out.upper - out.lower))) < 0.05
     check_sound(fn, ball, out, jax.random.PRNGKey(0), n=64, attack_directions=2)
+
+
+@pytest.mark.parametrize("method", ["zonotope", "crown-zonotope", "crown"])
+def test_softmax_rows_sum_to_one_in_the_bound(method):
+    """``softmax(x) @ V`` with identical rows of ``V`` is the constant row of ``V``. Bounds that
+    treat each probability's relaxation error separately pay ``sum_j r_j |V_j|``; with the
+    softmax's equality ``sum_j y_j = 1`` (the ``simplex`` node) the errors meet ``V_j - V_bar = 0``
+    and the bound must collapse to that constant, while staying sound for a ``V`` that is not."""
+    key = jax.random.PRNGKey(3)
+    x0 = jax.random.normal(key, (4, 6))
+    box = Box(x0 - 0.3, x0 + 0.3)
+    row = jax.random.normal(jax.random.PRNGKey(4), (1, 5))
+    same = jax.numpy.broadcast_to(row, (6, 5))
+    bf = compile_bounds(lambda x: jax.nn.softmax(x, axis=-1) @ same, box, method=method)
+    assert "simplex" in [n.name for n in bf.graph.nodes]
+    out = bf(box).output
+    width = np.asarray(out.upper - out.lower)
+    assert width.max() < 1e-4 * float(np.abs(row).max()), width.max()
+    varied = same + 0.5 * jax.random.normal(jax.random.PRNGKey(5), (6, 5))
+    fn = lambda x: jax.nn.softmax(x, axis=-1) @ varied  # noqa: E731
+    out = compile_bounds(fn, box, method=method)(box).output
+    check_sound(fn, box, out, jax.random.PRNGKey(6), n=64, attack_directions=2)
