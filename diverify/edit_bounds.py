@@ -369,8 +369,15 @@ def edit_norms(delta: np.ndarray) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class EditRadius:
-    """Largest radius certified by bisection and smallest radius at which the attack found a collision
-    (``compile_seconds``: compilation and the first bound)."""
+    """Largest radius certified by bisection and smallest radius at which the attack found a collision.
+
+    ``certified_radius`` is sound whatever happened after it was certified;
+    ``not_certified_radius`` is the smallest radius tried that was not
+    (``None`` when ``--radius`` itself was certified): the true certifiable
+    radius of the method lies in between.  ``stopped_early`` is set when the
+    time limit ended the search before its ``bisection_steps``
+    (``compile_seconds``: tracing, compilation and the first bound).
+    """
 
     model: str
     prompt: str | None
@@ -380,8 +387,10 @@ class EditRadius:
     method: str
     threshold: float
     certified_radius: float
+    not_certified_radius: float | None
     attack_radius: float | None
     bisection_steps: int
+    stopped_early: bool
     seconds: float
     compile_seconds: float
 
@@ -389,48 +398,96 @@ class EditRadius:
 def certified_edit_radius(encoder, prompt: Prompt, pattern: str, ball: str, concepts: Sequence[str],
                           threshold: float, radius_max: float, method: str = "crown-forward",
                           formulation: str = "auto", steps: int = 10, attack: bool = True, seed: int = 0,
-                          progress: Callable[[int], None] | None = None) -> EditRadius:
-    """Bisection in ``[0, radius_max]`` for the largest certified radius (compiled once; the radius is an
-    input), then for the smallest radius where the attack finds a collision, if any below ``radius_max``."""
+                          max_seconds: float | None = None,
+                          progress: Callable[[str], None] | None = None) -> EditRadius:
+    """:func:`search_edit_radius` on the problem of the kernels matching ``pattern`` (traced and compiled once)."""
     if not (np.isfinite(radius_max) and radius_max > 0):
         raise DiverifyError(f"--radius must be finite and > 0 for a search, got {radius_max}")
     t0 = time.perf_counter()
     problem = edit_problem(encoder, prompt, pattern, ball, concepts, method, formulation, radius_max)
+    result = search_edit_radius(problem, threshold, radius_max, steps=steps, attack=attack, seed=seed,
+                                max_seconds=None if max_seconds is None else max_seconds - (time.perf_counter() - t0),
+                                progress=progress)
+    return dataclasses.replace(result, model=encoder.name, prompt=prompt.text, ball=ball,
+                               seconds=time.perf_counter() - t0)
+
+
+def search_edit_radius(problem: EditProblem, threshold: float, radius_max: float, steps: int = 10,
+                       attack: bool = True, seed: int = 0, max_seconds: float | None = None,
+                       progress: Callable[[str], None] | None = None) -> EditRadius:
+    """Bisection in ``[0, radius_max]`` for the largest certified radius (the radius is an input of the
+    compiled bound), then for the smallest radius where the attack finds a collision, if any below ``radius_max``.
+
+    The clean model must be below ``threshold`` (checked on its own cosines,
+    not with the bound).  ``progress(message)`` is called before the first
+    bound (which compiles) and after every bound or attack; ``max_seconds``
+    stops both bisections once that much wall time has passed (the radii
+    found so far are still sound / still witnessed; ``stopped_early`` says so).
+    """
+    if not (np.isfinite(radius_max) and radius_max > 0):
+        raise DiverifyError(f"--radius must be finite and > 0 for a search, got {radius_max}")
+    if max_seconds is not None and not max_seconds > 0:
+        raise DiverifyError(f"--max-seconds must be positive (and exceed the tracing time), got {max_seconds:.3g}")
+    note = progress or (lambda message: None)
+    t0 = time.perf_counter()
+    clean = np.asarray(problem.weight_fn(*[jnp.zeros(s) for s in problem.shapes]))
+    if np.any(clean >= threshold):
+        raise DiverifyError(f"the clean model already reaches cosine {float(clean.max()):.4f} >= {threshold} with "
+                            "a restricted concept: nothing to certify")
+
+    failure: list[str] = []
 
     def certified(r):
         try:
             return bool(np.all(problem.upper(r) < threshold))
-        except DiverifyError:
+        except DiverifyError as err:
+            failure[:] = [str(err)]
             return False
 
-    lo, hi = 0.0, float(radius_max)
+    def out_of_time():
+        return max_seconds is not None and time.perf_counter() - t0 > max_seconds
+
+    note(f"first bound ({problem.formulation} formulation, {problem.bound_fn.method}); its compilation "
+         "can take minutes on a large model")
     start = time.perf_counter()
-    clean_certified = certified(0.0)
-    compile_seconds = time.perf_counter() - start  # tracing is done; compilation and one bound
-    if not clean_certified:
-        raise DiverifyError(f"the clean model already reaches cosine {threshold} (or cannot be bounded): "
-                            "nothing to certify")
-    if certified(hi):
-        lo = hi
-    else:
+    top = certified(float(radius_max))
+    compile_seconds = time.perf_counter() - start
+    note(f"r = {radius_max:.4g}: {'certified' if top else 'not certified'} (compiled in {compile_seconds:.1f} s)")
+    lo, hi, stopped = (float(radius_max), None, False) if top else (0.0, float(radius_max), False)
+    if not top:
         for i in range(steps):
+            if out_of_time():
+                stopped = True
+                break
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if certified(mid) else (lo, mid)
-            if progress:
-                progress(i + 1)
+            ok = certified(mid)
+            lo, hi = (mid, hi) if ok else (lo, mid)
+            note(f"bisection {i + 1}/{steps}: r = {mid:.4g} {'certified' if ok else 'not certified'}")
+    if lo == 0.0 and failure:
+        note(f"nothing certified; the bound failed with: {failure[0]}")
 
     def collides(r):
         vals, _ = attack_edits(problem.weight_fn, problem.shapes, problem.norm, r, jax.random.key(seed))
         return bool(np.any(vals >= threshold))
 
     attack_radius = None
-    if attack and collides(radius_max):
+    if attack and not out_of_time() and collides(radius_max):
+        note(f"attack: collision at r = {radius_max:.4g}")
         a_lo, a_hi = lo, float(radius_max)
-        for _ in range(steps):
+        for i in range(steps):
+            if out_of_time():
+                stopped = True
+                break
             mid = (a_lo + a_hi) / 2
-            a_lo, a_hi = (a_lo, mid) if collides(mid) else (mid, a_hi)
+            hit = collides(mid)
+            a_lo, a_hi = (a_lo, mid) if hit else (mid, a_hi)
+            note(f"attack bisection {i + 1}/{steps}: r = {mid:.4g} {'collision' if hit else 'none found'}")
         attack_radius = a_hi
-    return EditRadius(model=encoder.name, prompt=prompt.text, params=list(problem.paths), ball=ball,
-                      formulation=problem.formulation, method=problem.bound_fn.method, threshold=float(threshold),
-                      certified_radius=lo, attack_radius=attack_radius, bisection_steps=steps,
-                      seconds=time.perf_counter() - t0, compile_seconds=compile_seconds)
+    elif attack and out_of_time():
+        stopped = True
+    ball = {norm: name for name, norm in BALLS.items()}[problem.norm]
+    # model and prompt are not part of a bare problem: certified_edit_radius fills them in.
+    return EditRadius(model="", prompt=None, params=list(problem.paths), ball=ball, formulation=problem.formulation, method=problem.bound_fn.method, threshold=float(threshold),
+                      certified_radius=lo, not_certified_radius=hi, attack_radius=attack_radius,
+                      bisection_steps=steps, stopped_early=stopped, seconds=time.perf_counter() - t0,
+                      compile_seconds=compile_seconds)

@@ -19,7 +19,8 @@ collision when a gradient attack on the edit reaches it; unknown otherwise.
 With one selected matrix the edit enters as the exact move x D of that layer's
 output ("image" formulation, L*n coordinates); with several, as the weights
 themselves. --search bisects for the largest certified radius in [0, R] and the
-smallest radius at which the attack finds a collision. --edit-trigger adds the
+smallest radius at which the attack finds a collision, logging every bound to
+stderr; --max-seconds caps its wall time. --edit-trigger adds the
 norms of a ROME-style rank-one edit that makes the trigger look like the first
 restricted concept, to compare with the radius.
 """
@@ -58,6 +59,9 @@ def register(subparsers) -> None:
                         help="image (one matrix: bound over the layer's output move) or weights (default auto)")
     parser.add_argument("--search", action="store_true", help="bisect for the largest certified radius")
     parser.add_argument("--steps", type=int, default=10, help="bisection steps (default 10)")
+    parser.add_argument("--max-seconds", type=float, dest="max_seconds", metavar="S",
+                        help="with --search: stop bisecting after S seconds of wall time and report the bracket "
+                             "reached (the certified radius found so far stays sound)")
     parser.add_argument("--edit-trigger", dest="edit_trigger", metavar="TOKEN",
                         help="report the norms of a ROME-style edit of the selected matrix for this trigger")
     parser.add_argument("--no-attack", action="store_true", dest="no_attack",
@@ -68,8 +72,10 @@ def register(subparsers) -> None:
 
 
 def handler(args) -> int:
+    import sys
+    import time
+
     import numpy as np
-    from tqdm import tqdm
 
     from diverify import cmav, edit_bounds
     from diverify.commands._cmav_args import parse_int_list
@@ -90,11 +96,15 @@ def handler(args) -> int:
     prompt = cmav.make_prompt(enc, text=args.prompt, ids=ids)
     attack = not args.no_attack
     if args.search:
-        with tqdm(total=args.steps, desc="bisection", disable=args.json, leave=False) as bar:
-            result = edit_bounds.certified_edit_radius(
-                enc, prompt, args.params, args.ball, args.restricted, args.threshold, args.radius,
-                method=args.method, formulation=args.formulation, steps=args.steps, attack=attack, seed=args.seed,
-                progress=lambda n: bar.update(1))
+        # One stderr line per bound / attack (also with --json, whose output is stdout): the first
+        # compilation of a real model takes minutes and must not look like a hang.
+        start = time.perf_counter()
+        result = edit_bounds.certified_edit_radius(
+            enc, prompt, args.params, args.ball, args.restricted, args.threshold, args.radius,
+            method=args.method, formulation=args.formulation, steps=args.steps, attack=attack, seed=args.seed,
+            max_seconds=args.max_seconds,
+            progress=lambda message: print(f"[{time.perf_counter() - start:6.1f} s] {message}", file=sys.stderr,
+                                           flush=True))
     else:
         result = edit_bounds.certify_edit(enc, prompt, args.params, args.ball, args.radius, args.restricted,
                                           args.threshold, method=args.method, formulation=args.formulation,
@@ -114,7 +124,9 @@ def handler(args) -> int:
     print(f"edited: {', '.join(result.params)}")
     if args.search:
         attack_text = "none found up to --radius" if result.attack_radius is None else f"{result.attack_radius:.4g}"
-        print(f"certified radius  {result.certified_radius:.4g}   (threshold {result.threshold})")
+        upper = "" if result.not_certified_radius is None else f", not certified at {result.not_certified_radius:.4g}"
+        print(f"certified radius  {result.certified_radius:.4g}{upper}   (threshold {result.threshold})"
+              + ("   [stopped early: --max-seconds]" if result.stopped_early else ""))
         print(f"attack radius     {attack_text}")
         print(f"{result.seconds:.1f} s ({result.compile_seconds:.1f} s compilation)")
     else:

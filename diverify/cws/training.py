@@ -33,16 +33,30 @@ def smoothed_loss(loss_fn: Loss, params: Params, batch: Any, perturbation: Pertu
     return jnp.mean(jax.vmap(one)(jnp.arange(num_noise, dtype=jnp.uint32)))
 
 
+def _smoothed_step(loss_fn: Loss, optimizer: optax.GradientTransformation, perturbation: Perturbation,
+                   num_noise: int, params, opt_state, batch, key, sigma):
+    value, grads = jax.value_and_grad(smoothed_loss, argnums=1)(
+        loss_fn, params, batch, perturbation, sigma, key, num_noise)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, value
+
+
+# Module-level jit with sigma traced: one compilation serves every sigma of a sweep.
+_jitted_step = jax.jit(_smoothed_step, static_argnums=(0, 1, 2, 3))
+
+
 def make_smoothed_train_step(loss_fn: Loss, optimizer: optax.GradientTransformation, perturbation: Perturbation,
                              sigma: float, num_noise: int):
     """A jitted ``step(params, opt_state, batch, key) -> (params, opt_state, smoothed_loss)``.
 
     Pure: the noise comes only from ``key`` (fold it with the step number).
+    ``sigma`` is a traced argument of the compiled step, so steps built for
+    several sigmas with the same ``loss_fn`` and ``optimizer`` objects share
+    one compilation.
     """
-    def step(params, opt_state, batch, key):
-        value, grads = jax.value_and_grad(smoothed_loss, argnums=1)(
-            loss_fn, params, batch, perturbation, sigma, key, num_noise)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
+    sigma = jnp.float32(sigma)
 
-    return jax.jit(step)
+    def step(params, opt_state, batch, key):
+        return _jitted_step(loss_fn, optimizer, perturbation, num_noise, params, opt_state, batch, key, sigma)
+
+    return step

@@ -57,14 +57,19 @@ def test_rank_one_edits_of_a_projection_never_exceed_the_bound_and_the_radius_se
     upper, attack, clean = assert_sound(problem, 2e-2, seed=5)
     # bisection on the threshold just above the clean cosine: the certified radius is below the attack's
     threshold = clean + 0.3 * (upper - clean)
-    certified = lambda r: bool(problem.upper(r)[0] < threshold)  # noqa: E731
-    lo, hi = 0.0, 2e-2
-    for _ in range(8):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if certified(mid) else (lo, mid)
-    assert 0 < lo < 2e-2 and certified(lo) and not certified(hi)
+    messages = []
+    found = edit_bounds.search_edit_radius(problem, threshold, 2e-2, steps=8, attack=False, progress=messages.append)
+    assert "first bound" in messages[0] and len(messages) == 2 + 8 and not found.stopped_early
+    lo, hi = found.certified_radius, found.not_certified_radius
+    assert 0 < lo < hi <= 2e-2 and hi - lo == pytest.approx(2e-2 / 2**8)
+    assert problem.upper(lo)[0] < threshold <= problem.upper(hi)[0]
     vals, _ = edit_bounds.attack_edits(problem.weight_fn, problem.shapes, "nuclear", lo, jax.random.key(0), steps=20)
     assert vals[0] < threshold
+    # A time limit already spent stops after the first bound: nothing certified, but an honest bracket.
+    cut = edit_bounds.search_edit_radius(problem, threshold, 2e-2, steps=8, attack=True, max_seconds=1e-9)
+    assert cut.stopped_early and (cut.certified_radius, cut.not_certified_radius, cut.attack_radius) == (0.0, 2e-2, None)
+    with pytest.raises(DiverifyError, match="already reaches cosine"):
+        edit_bounds.search_edit_radius(problem, clean - 1e-3, 2e-2, steps=2, attack=False)
 
 
 def test_two_matrices_where_one_multiplies_the_others_output(setup):
