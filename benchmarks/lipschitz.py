@@ -32,7 +32,7 @@ from diverify.diffusion import gmm
 from diverify.diffusion.schedulers import ddim_schedule, noise_schedule, read_noise_schedule
 from diverify.errors import DiverifyError
 from diverify.lipschitz import (clean_trajectory, compile_step_bound, gmm_eps_lipschitz, lipschitz_report, make_chain,
-                                unet_eps_lipschitz)
+                                rechain, unet_eps_lipschitz)
 from diverify.models.diffusers_checkpoint import build_denoiser, load_denoiser
 from diverify.results import to_jsonable
 from diverify.specs import Box, lp_ball
@@ -77,12 +77,14 @@ def dit_model(layers: int):
     return den.eps, den.params, noise, jnp.array([3]), x_T, None, f"DiT, {layers} blocks ({n_params} parameters)"
 
 
-def diagnose(chain, engine_method: str, radius: float) -> dict:
+def diagnose(chain, engine_method: str, radius: float, compiled: dict, memory_limit: int | None) -> dict:
     """Bound step 0 over the l2 ball of ``radius`` and return the interval half-widths of every
     GroupNorm variance (its ``rsqrt`` input) and output, up to the first node whose relaxation fails."""
     traj = clean_trajectory(chain)
     ball = lp_ball(traj[0].reshape(1, -1), radius, p=2)
-    sb = compile_step_bound(chain, ball, engine_method)
+    if "LpBall" not in compiled:
+        compiled["LpBall"] = compile_step_bound(chain, ball, engine_method, memory_limit)
+    sb = compiled["LpBall"]
     k = chain.inputs[:1]
     res = sb.executable(ball, Box(k, k))
     nodes = sb.bound_function.graph.nodes
@@ -117,8 +119,11 @@ def main() -> None:
     parser.add_argument("--radii", type=float, nargs="+", default=[1e-3])
     parser.add_argument("--engine-methods", nargs="+", default=["crown-forward"])
     parser.add_argument("--diagnose", action="store_true", help="where the intervals widen at step 0 (no chain)")
+    parser.add_argument("--memory-limit-gib", type=float, default=None,
+                        help="with --diagnose: refuse a step bound XLA estimates above this (default: device memory)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    limit = None if args.memory_limit_gib is None else int(args.memory_limit_gib * 2 ** 30)
     if args.gmm is not None:
         apply_fn, params, noise, cond, x_T, lip, name = gmm_model(args.gmm)
     elif args.dit is not None:
@@ -127,13 +132,17 @@ def main() -> None:
         apply_fn, params, noise, cond, x_T, lip, name = digits_model(args.denoiser)
     print(f"model {name}, device {jax.devices()[0].platform}", flush=True)
     rows = []
+    # One chain's step map for every T: each engine method compiles its step bounds once for the whole run.
+    chain = None
+    caches = {e: {} for e in args.engine_methods}
     for steps in args.steps:
-        chain = make_chain(apply_fn, params, cond, ddim_schedule(noise, steps), x_T)
+        schedule = ddim_schedule(noise, steps)
+        chain = make_chain(apply_fn, params, cond, schedule, x_T) if chain is None else rechain(chain, schedule)
         if args.diagnose:
             for engine_method in args.engine_methods:
                 for radius in args.radii:
                     try:
-                        row = diagnose(chain, engine_method, radius)
+                        row = diagnose(chain, engine_method, radius, caches[engine_method], limit)
                     except DiverifyError as err:
                         row = dict(engine_method=engine_method, radius=radius, error=str(err))
                     rows.append(dict(row, steps=steps))
@@ -144,7 +153,8 @@ def main() -> None:
             for engine_method, radius in [(e, r) for e in engine_methods for r in args.radii]:
                 start = time.perf_counter()
                 try:
-                    rep = lipschitz_report(chain, method, radius, lip, engine_method)
+                    rep = lipschitz_report(chain, method, radius, lip, engine_method,
+                                           compiled=caches.get(engine_method))
                     row = dict(log10_certified=rep.log10_cumulative, empirical_lower=rep.empirical_lower,
                                chain_jacobian=rep.empirical_chain_jacobian,
                                log10_ratio=rep.log10_cumulative - float(np.log10(rep.empirical_lower)),

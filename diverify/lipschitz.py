@@ -165,7 +165,7 @@ class Chain:
     inputs: jax.Array
     step: Callable
     jit_step: Callable
-    num_features: int
+    time_input: TimeInput
 
     @property
     def num_steps(self) -> int:
@@ -205,6 +205,29 @@ def make_chain(apply_fn: Callable, params: Any, cond: Any, schedule: SamplingSch
         raise DiverifyError(f"x_T must have a batch axis of size 1, got shape {tuple(x_T.shape)}")
     if time_input is None:
         time_input = mixture_time_input() if apply_fn is gmm.gmm_eps else embedding_time_input(apply_fn)
+    inputs, feature_shape, stochastic = _step_inputs(time_input, params, cond, schedule, x_T, key)
+    noise = schedule.noise
+    step = _step_map(time_input, params, cond, noise.clip_sample_range if noise.clip_sample else None,
+                     tuple(x_T.shape), feature_shape, stochastic)
+    return Chain(apply_fn, params, cond, schedule, x_T, inputs, step, jax.jit(step), time_input)
+
+
+def rechain(chain: Chain, schedule: SamplingSchedule, key: jax.Array | None = None) -> Chain:
+    """The same denoiser, conditioning and x_T under another sampling schedule of the same noise
+    schedule, sharing the chain's step map (and so its compiled functions and step bounds) when the
+    new schedule is as stochastic as the old one."""
+    if (schedule.noise.clip_sample, schedule.noise.clip_sample_range) != \
+            (chain.schedule.noise.clip_sample, chain.schedule.noise.clip_sample_range):
+        raise DiverifyError("rechain needs a schedule with the same clipping as the chain's")
+    inputs, _, stochastic = _step_inputs(chain.time_input, chain.params, chain.cond, schedule, chain.x_T, key)
+    if inputs.shape[1] != chain.inputs.shape[1]:
+        return make_chain(chain.apply_fn, chain.params, chain.cond, schedule, chain.x_T, key, chain.time_input)
+    return dataclasses.replace(chain, schedule=schedule, inputs=inputs)
+
+
+def _step_inputs(time_input: TimeInput, params: Any, cond: Any, schedule: SamplingSchedule, x_T: jax.Array,
+                 key: jax.Array | None) -> tuple[jax.Array, tuple, bool]:
+    """The (T, n) step inputs k_i, the shape of the timestep features, whether a step is stochastic."""
     coeffs = [step_coefficients(schedule, i) for i in range(schedule.num_steps)]
     stochastic = any(c.noise_std for c in coeffs)
     if stochastic and key is None:
@@ -219,11 +242,7 @@ def make_chain(apply_fn: Callable, params: Any, cond: Any, schedule: SamplingSch
             z = jax.random.normal(jax.random.fold_in(key, i), x_T.shape, jnp.float32) if c.noise_std else 0 * x_T
             parts.append(np.asarray(c.noise_std * z, np.float32).ravel())
         rows.append(np.concatenate(parts))
-    noise = schedule.noise
-    step = _step_map(time_input, params, cond, noise.clip_sample_range if noise.clip_sample else None,
-                     tuple(x_T.shape), tuple(feats.shape), stochastic)
-    return Chain(apply_fn, params, cond, schedule, x_T, jnp.asarray(np.stack(rows)), step, jax.jit(step),
-                 int(feats.size))
+    return jnp.asarray(np.stack(rows)), tuple(feats.shape), stochastic
 
 
 def step_function(chain: Chain, i: int) -> Callable[[jax.Array], jax.Array]:
@@ -394,6 +413,7 @@ class StepBound:
     """The bound engine on the chain's step map ``(x_flat, k) -> x_prev_flat``, compiled once for all
     steps: x ranges over an input set, k over the point {inputs[i]} (a constant of the problem)."""
 
+    step: Callable
     bound_function: Any
     executable: Any
     compile_seconds: float
@@ -436,7 +456,7 @@ def compile_step_bound(chain: Chain, in_set: Any, engine_method: str,
             f"the {engine_method} bound of one step needs {need / 2 ** 30:.1f} GiB (XLA's estimate for "
             f"{int(np.prod(shape))} perturbed inputs through {len(bf.graph.nodes)} operations), more than the "
             f"{limit / 2 ** 30:.1f} GiB available: use a cheaper --engine-method (ibp, zonotope) or a smaller model")
-    return StepBound(bf, exe, seconds, need)
+    return StepBound(step, bf, exe, seconds, need)
 
 
 def engine_chain(chain: Chain, radius: float, method: str, engine_method: str = "crown-forward",
@@ -445,7 +465,8 @@ def engine_chain(chain: Chain, radius: float, method: str, engine_method: str = 
     """Radii rho_0 = radius, rho_1, ..., rho_T of the ``local`` (balls) or ``reach`` (boxes) propagation.
 
     Returns (rho, box_widths): ``box_widths[i]`` is the largest half-width of step i's output box.
-    ``compiled`` caches the :class:`StepBound` per kind of input set (one for all steps and radii).
+    ``compiled`` caches the :class:`StepBound` per kind of input set (one for all steps and radii, and
+    for every chain that shares this chain's step map, see :func:`rechain`).
     """
     from diverify.specs import Box, lp_ball
 
@@ -457,7 +478,7 @@ def engine_chain(chain: Chain, radius: float, method: str, engine_method: str = 
         centre = traj[i].reshape(1, -1)
         in_set = lp_ball(centre, rho[-1], p=2) if method == "local" or box is None else box
         kind = type(in_set).__name__
-        if kind not in compiled:
+        if kind not in compiled or compiled[kind].step is not chain.step:
             compiled[kind] = compile_step_bound(chain, in_set, engine_method)
         out = compiled[kind](in_set, chain.inputs[i])
         nxt = traj[i + 1].reshape(1, -1)
@@ -615,13 +636,13 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
                      eps_lipschitz: Callable[[int], tuple[float, float]] | None = None,
                      engine_method: str = "crown-forward", distance: float | None = None,
                      key: jax.Array | None = None, bisect_iters: int = 6,
-                     progress: Callable | None = None) -> LipschitzReport:
+                     progress: Callable | None = None, compiled: dict | None = None) -> LipschitzReport:
     """Bounds of ``method`` for ``chain`` over the l2 ball of ``radius`` around its x_T.
 
     ``eps_lipschitz(t) -> (L_x, L_cond)`` is needed for ``global``. With
     ``distance`` the certified radius (for global exactly distance / cumulative;
     for local/reach by bisection on the propagated radius) and the attack's
-    radius are computed too.
+    radius are computed too. ``compiled``: a cache of step bounds (see :func:`engine_chain`).
     """
     if method not in METHODS:
         raise DiverifyError(f"unknown Lipschitz method {method!r}: choose one of {', '.join(METHODS)}")
@@ -641,7 +662,8 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
         if distance is not None:
             cert_radius = distance * 10.0 ** -log_cumulative if log_cumulative < 308 else 0.0
     else:
-        compiled: dict = {}
+        compiled = {} if compiled is None else compiled
+        cached = {id(b) for b in compiled.values()}
         radii, _ = engine_chain(chain, radius, method, engine_method, traj, compiled, progress)
         per_step = [radii[i + 1] / radii[i] if radii[i] > 0 else 0.0 for i in range(chain.num_steps)]
         cumulative = radii[-1] / radius
@@ -653,7 +675,7 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
                 except DiverifyError:
                     return False
             cert_radius = _bisect_radius(holds, radius, bisect_iters)
-        compile_seconds = sum(b.compile_seconds for b in compiled.values())
+        compile_seconds = sum(b.compile_seconds for b in compiled.values() if id(b) not in cached)
     f = chain_function(chain)
     keys = jax.random.split(key, chain.num_steps + 2)
     emp_steps = [jacobian_norm(chain.step, traj[i], keys[i], args=(chain.inputs[i],))

@@ -18,6 +18,7 @@ Bounds how much the final sample x_0 can move when the noise seed x_T moves by r
   local   the bound engine bounds each step over an l2 ball around the clean
           trajectory; the ball radius is carried from step to step
   reach   the engine's output box of each step is the next step's input set
+          (local and reach trace and compile one bound for all T steps)
 
 Each certified number is printed next to an empirical lower bound (Jacobian power
 iteration and a gradient attack). With --distance d, the certified radius in x_T
@@ -47,7 +48,8 @@ def register(subparsers) -> None:
     parser.add_argument("--distance", type=float, default=None, metavar="D",
                         help="also find the certified and the empirical radius keeping x_0 within D")
     parser.add_argument("--engine-method", default="crown-forward",
-                        help="bound-engine method for local/reach (default crown-forward)")
+                        help="bound-engine method for local/reach: ibp, forward, zonotope, crown-ibp, crown-forward, "
+                             "crown-zonotope, crown, alpha-crown (default crown-forward)")
     parser.add_argument("--label", type=int, default=0, help="class label for class-conditional models (default 0)")
     parser.add_argument("--gmm-dim", type=int, default=2, metavar="D", help="dimension of the gmm fixture (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of x_T and of the fixed noise (default 0)")

@@ -104,6 +104,12 @@ def test_step_map_with_inputs_matches_the_sampler():
     expected = sch.trajectory(G.gmm_eps, mix, x_T, None, schedule, key)
     for got, want in zip(L.clean_trajectory(chain), expected):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    # Another T of the same sampler shares the step map (and so its compiled functions and bounds).
+    longer = L.rechain(chain, sch.ddpm_schedule(NOISE, 6), key)
+    assert longer.step is chain.step and longer.num_steps == 6
+    expected = sch.trajectory(G.gmm_eps, mix, x_T, None, sch.ddpm_schedule(NOISE, 6), key)
+    np.testing.assert_allclose(np.asarray(L.chain_function(longer)(x_T)), np.asarray(expected[-1]), rtol=1e-5,
+                               atol=1e-6)
     config = dict(digits.UNET_CONFIG, block_out_channels=[8, 16], norm_num_groups=4)
     den = build_denoiser(config, seed=1)
     x_T = jnp.asarray(np.random.default_rng(0).normal(size=(1, 1, 8, 8)), jnp.float32)
