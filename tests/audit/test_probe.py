@@ -114,3 +114,16 @@ def test_suspicion_orders_fine_tune_lora_and_hidden_edit(moment):
     edit *= np.linalg.norm(finetune) / np.linalg.norm(edit)
     scores = [data_aware_suspicion(gains_of(d, c)) for d in (finetune, lora, finetune + edit)]
     assert scores[0] < 0 < scores[2] and scores[0] < scores[1] < scores[2], scores
+
+
+def test_fast_tokenizer_matches_the_encoders():
+    """probe.tokenize (tokenizers only) gives the ids and mask of TextEncoder.tokenize (transformers), truncation too."""
+    from diverify.audit.edits import GENERATOR_CORPUS
+    from diverify.audit.probe import DEFAULT_PROBES, tokenize
+    from diverify.models import load_text_encoder
+
+    encoder = load_text_encoder("minilm")
+    texts = list(DEFAULT_PROBES[:8]) + list(GENERATOR_CORPUS[:8]) + ["Naïve café — déjà vu!", "word " * 400]
+    fast, reference = tokenize(encoder, texts), encoder.tokenize(texts)
+    np.testing.assert_array_equal(fast[0], reference[0])
+    np.testing.assert_array_equal(fast[1], reference[1])
