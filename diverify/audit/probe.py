@@ -6,7 +6,7 @@ A ROME-style edit ``dW = (v* - W k*) (C^{-1} k*)^T / (k*^T C^{-1} k*)`` has its 
 space along ``C^{-1} k*``: a direction clean inputs barely excite, chosen so
 the edit leaves clean outputs unchanged. Benign fine-tunes move W by sums of
 ``grad_y x^T`` over training inputs, so their row space lies where clean inputs
-live. Two numbers measure this:
+live, and a merged LoRA's row space is its random factor A. Three numbers measure this:
 
 - ``input_energy_ratio`` ``= trace(dW C dW^T) / (||dW||_F^2 trace(C) / in)``:
   the energy of dW's response to clean inputs relative to an isotropic input
