@@ -20,8 +20,12 @@ Per matrix, ``suspicion`` is (all scores: higher = more suspicious)
   hidden in a fine-tune is one off-data direction among on-data ones.
   Flagged above :data:`FLAG_SUSPICION`. ``GAP_WEIGHT``, ``GAP_CAP`` and the
   subspace size were chosen on calibration seeds of benchmarks/audit.py and
-  reported on a held-out seed (benchmarks/RESULTS.md).
+  reported on held-out seeds (benchmarks/RESULTS.md).
   (``top_direction_input_gain`` and ``input_energy_ratio`` are reported too.)
+  A rank-one delta always gets the full gap, so any single-direction change of
+  a matrix off the clean inputs' main directions is flagged: a lone ROME edit,
+  but also a merged rank-1 LoRA (random direction, ``g_1`` about 1, suspicion
+  about 1.0); audit rank-1 adapters with a policy ``max_score`` above that.
 - data-free (no C): the robust z-score of ``-log(stable_rank)`` against the
   other matrices of the same kind (``encoder.layer.*.attention.self.key.weight``),
   flagged above :data:`FLAG_ANOMALY` = 3.5 (Iglewicz and Hoaglin's outlier rule).
