@@ -455,7 +455,8 @@ def compile_step_bound(chain: Chain, in_set: Any, engine_method: str,
         raise DiverifyError(
             f"the {engine_method} bound of one step needs {need / 2 ** 30:.1f} GiB (XLA's estimate for "
             f"{int(np.prod(shape))} perturbed inputs through {len(bf.graph.nodes)} operations), more than the "
-            f"{limit / 2 ** 30:.1f} GiB available: use a cheaper --engine-method (ibp, zonotope) or a smaller model")
+            f"{limit / 2 ** 30:.1f} GiB available: the problem is too large for this method here (try "
+            "--engine-method ibp, a smaller model or a machine with more memory)")
     return StepBound(step, bf, exe, seconds, need)
 
 
