@@ -112,7 +112,8 @@ def throughput(args, encoder, triggered, predicate, sampler, mesh=None):
             # XLA reports one device's program: it holds chunk / ndev samples.
             "temp_bytes_per_sample": None if temp is None else temp / (chunk // ndev),
             "noise_coordinates": pert.num_coordinates, "perturbed_weights": pert.num_weights,
-            "normals_drawn_per_sample": pert.num_coordinates if plan is None else normals_per_sample(encoder, triggered, pert, plan)}
+            "normals_drawn_per_sample": (pert.num_coordinates if plan is None
+                                         else normals_per_sample(encoder, triggered, pert, plan))}
 
 
 def normals_per_sample(encoder, triggered, pert, plan):

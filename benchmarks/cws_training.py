@@ -86,7 +86,8 @@ def fine_tune(den, params, sigma, args, step_fn, optimizer):
                                                  jax.random.fold_in(key, i))
         losses.append(loss)
         if (i + 1) % 25 == 0:
-            print(f"  sigma_train={sigma:g} step {i + 1}/{args.steps} loss {float(np.mean(np.asarray(losses[-25:]))):.4f}",
+            recent = float(np.mean(np.asarray(losses[-25:])))
+            print(f"  sigma_train={sigma:g} step {i + 1}/{args.steps} loss {recent:.4f}",
                   file=sys.stderr, flush=True)
     return params, float(np.mean(np.asarray(losses[-50:])))
 

@@ -487,7 +487,8 @@ def search_edit_radius(problem: EditProblem, threshold: float, radius_max: float
         stopped = True
     ball = {norm: name for name, norm in BALLS.items()}[problem.norm]
     # model and prompt are not part of a bare problem: certified_edit_radius fills them in.
-    return EditRadius(model="", prompt=None, params=list(problem.paths), ball=ball, formulation=problem.formulation, method=problem.bound_fn.method, threshold=float(threshold),
+    return EditRadius(model="", prompt=None, params=list(problem.paths), ball=ball, formulation=problem.formulation,
+                      method=problem.bound_fn.method, threshold=float(threshold),
                       certified_radius=lo, not_certified_radius=hi, attack_radius=attack_radius,
                       bisection_steps=steps, stopped_early=stopped, seconds=time.perf_counter() - t0,
                       compile_seconds=compile_seconds)

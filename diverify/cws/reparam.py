@@ -171,7 +171,7 @@ def dense_output_noise(x: jax.Array, features: int, key: jax.Array) -> jax.Array
 
 def embed_lookup_noise(ids: jax.Array, rows: tuple[int, ...], num_embeddings: int, features: int,
                        key: jax.Array) -> jax.Array:
-    """``Z[ids]`` for a table noise ``Z`` that is ``N(0, 1)`` on ``rows`` and zero elsewhere (drawn on ``rows`` only)."""
+    """``Z[ids]`` for a table noise ``Z``, ``N(0, 1)`` on ``rows`` and zero elsewhere (drawn on ``rows`` only)."""
     slot = np.full(num_embeddings, len(rows), np.int32)
     slot[np.asarray(rows)] = np.arange(len(rows), dtype=np.int32)
     z = jax.random.normal(key, (len(rows), features), jnp.float32)
@@ -190,7 +190,8 @@ def noisy_call(fn: Callable[[Params], Any], params: Params, perturbation: Pertur
     """
     if plan is None:
         return fn(apply_coordinates(perturbation, params, sample_coordinates(perturbation, key, sigma)))
-    moved = apply_coordinates(plan.explicit, params, sample_coordinates(plan.explicit, jax.random.fold_in(key, 0), sigma))
+    explicit = sample_coordinates(plan.explicit, jax.random.fold_in(key, 0), sigma)
+    moved = apply_coordinates(plan.explicit, params, explicit)
     local_key = jax.random.fold_in(key, 1)
     index = {p: j for j, p in enumerate(plan.local)}
 

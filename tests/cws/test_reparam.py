@@ -33,7 +33,8 @@ def mlp_stats(params):
 
 def draws(fn, params, pert, plan, seed, n, sigma):
     keys = jax.random.split(jax.random.key(seed), n)
-    return np.asarray(jax.jit(jax.vmap(lambda k: reparam.noisy_call(fn, params, pert, k, jnp.float32(sigma), plan)))(keys))
+    one = lambda k: reparam.noisy_call(fn, params, pert, k, jnp.float32(sigma), plan)  # noqa: E731
+    return np.asarray(jax.jit(jax.vmap(one))(keys))
 
 
 def assert_same_law(a, b, level=1e-3):
