@@ -78,7 +78,7 @@ class TimeInput:
     """How a denoiser sees its timestep, as a float array the bound engine can take as an input.
 
     ``features(params, x, t, cond)`` (t an int32 scalar) is what the model computes from t
-    (abar_t for the mixture; the sinusoid fed to the TimestepEmbedding of a UNet or DiT);
+    (abar_t for the mixture; for a UNet or DiT see :func:`embedding_time_input`);
     ``apply(params, x, features, cond)`` is the eps-prediction from those features, so that
     ``apply(params, x, features(params, x, t, cond), cond) == apply_fn(params, x, t, cond)``.
     The bound engine then sees t only through an input set holding one point: one traced
@@ -102,38 +102,72 @@ def mixture_time_input() -> TimeInput:
     return TimeInput(features, apply)
 
 
-def _is_time_embedding(context) -> bool:
-    return context.method_name == "__call__" and type(context.module).__name__ == "TimestepEmbedding"
+#: Modules of :mod:`diverify.models` whose output depends only on t and the (fixed) conditioning and is
+#: added to the activations: with their outputs as the features the engine sees k only through additions.
+_TIME_PROJECTIONS = ("time_emb_proj",)
 
 
-def embedding_time_input(apply_fn: Callable) -> TimeInput:
-    """A Flax denoiser (:mod:`diverify.models`) whose only use of t is the sinusoid fed to its
-    ``TimestepEmbedding`` modules (one in a UNet, one per block in a DiT): the features are that
-    sinusoid, recorded by a method interceptor, and ``apply`` substitutes it (t itself is then 0)."""
+def _param_names(tree) -> set:
+    names = set()
+    if isinstance(tree, dict):
+        for key, sub in tree.items():
+            names.add(key)
+            names |= _param_names(sub)
+    return names
+
+
+def embedding_time_input(apply_fn: Callable, params: Any) -> TimeInput:
+    """A Flax denoiser (:mod:`diverify.models`) whose timestep reaches the sample only through
+    its ``time_emb_proj`` modules (UNet ResNet blocks: their outputs are the features) or else
+    through the sinusoid fed to its ``TimestepEmbedding`` modules (DiT: the sinusoid is the feature).
+    A method interceptor records them, and ``apply`` substitutes them (t itself is then 0).
+
+    Projections are preferred: between the sinusoid and the activations lie a SiLU and dense layers,
+    whose relaxations on a one-point box add float32 padding that deep GroupNorm stacks amplify.
+    """
     import flax.linen as nn
+
+    project = bool(_param_names(params) & set(_TIME_PROJECTIONS))
+
+    def wanted(context) -> bool:
+        if context.method_name != "__call__":
+            return False
+        if project:
+            return context.module.name in _TIME_PROJECTIONS
+        return type(context.module).__name__ == "TimestepEmbedding"
 
     def features(params, x, t, cond):
         seen = []
 
         def record(next_fun, args, kwargs, context):
-            if _is_time_embedding(context):
-                seen.append(args[0])
-            return next_fun(*args, **kwargs)
+            out = next_fun(*args, **kwargs)
+            if wanted(context):
+                seen.append(out if project else args[0])
+            return out
 
         with nn.intercept_methods(record):
             apply_fn(params, x, jnp.full((x.shape[0],), t, jnp.int32), cond)
         if not seen:
             raise DiverifyError("this denoiser has no TimestepEmbedding module: its timestep cannot be passed "
                                 "to the bound engine as an input")
-        return jnp.stack(seen)
+        return jnp.concatenate([v.ravel() for v in seen])
 
-    def apply(params, x, sinusoids, cond):
-        calls = iter(range(sinusoids.shape[0]))
+    def apply(params, x, feats, cond):
+        offset = [0]
+
+        def take(shape):
+            n = int(np.prod(shape))
+            value = feats[offset[0]:offset[0] + n].reshape(shape)
+            offset[0] += n
+            return value
 
         def substitute(next_fun, args, kwargs, context):
-            if _is_time_embedding(context):
-                return next_fun(sinusoids[next(calls)], *args[1:], **kwargs)
-            return next_fun(*args, **kwargs)
+            if not wanted(context):
+                return next_fun(*args, **kwargs)
+            if project:
+                # The projection of the dummy t = 0 only gives the shape (a constant, dropped).
+                return take(next_fun(*args, **kwargs).shape)
+            return next_fun(take(args[0].shape), *args[1:], **kwargs)
 
         with nn.intercept_methods(substitute):
             return apply_fn(params, x, jnp.zeros((x.shape[0],), jnp.int32), cond)
@@ -204,7 +238,7 @@ def make_chain(apply_fn: Callable, params: Any, cond: Any, schedule: SamplingSch
     if x_T.ndim < 2 or x_T.shape[0] != 1:
         raise DiverifyError(f"x_T must have a batch axis of size 1, got shape {tuple(x_T.shape)}")
     if time_input is None:
-        time_input = mixture_time_input() if apply_fn is gmm.gmm_eps else embedding_time_input(apply_fn)
+        time_input = mixture_time_input() if apply_fn is gmm.gmm_eps else embedding_time_input(apply_fn, params)
     inputs, feature_shape, stochastic = _step_inputs(time_input, params, cond, schedule, x_T, key)
     noise = schedule.noise
     step = _step_map(time_input, params, cond, noise.clip_sample_range if noise.clip_sample else None,
