@@ -46,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--eps", type=float, nargs="+", default=[1e-4, 1e-3])
     p.add_argument("--methods", nargs="+", default=["ibp", "forward", "crown-ibp", "crown-forward", "crown"])
     p.add_argument("--out", default="benchmarks/out/bound_tightness.json")
+    p.add_argument("--unsound-rel-pad", type=float, default=None, metavar="R",
+                   help="DIAGNOSTIC ONLY: set the relaxations' float32 padding REL_PAD to R (0 shows how much "
+                        "of the width is padding); the bounds are then not sound and the rows say so")
     return p.parse_args(argv)
 
 
@@ -62,6 +65,10 @@ def true_range_lower(fn, ball, position):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.unsound_rel_pad is not None:
+        from diverify.bounds import relaxations
+
+        relaxations.REL_PAD = args.unsound_rel_pad
     enc = load_text_encoder(args.fixture if args.model == "tiny-bert" else (args.model_dir or "minilm"))
     if args.layers is not None:
         enc = enc.with_layers(args.layers)
@@ -84,6 +91,8 @@ def main(argv=None):
             ys, true_lower = truth[eps]
             row = {"model": args.model, "layers": args.layers, "method": method, "eps": eps,
                    "true_range_lower": true_lower}
+            if args.unsound_rel_pad is not None:
+                row["unsound_rel_pad"] = args.unsound_rel_pad
             try:
                 if bf is None:
                     bf = compile_bounds(fn, ball, method=method)
@@ -99,6 +108,8 @@ def main(argv=None):
                        compile_seconds=compile_seconds, intermediate=res.intermediate_method)
             rows.append(row)
     print(f"device: {jax.devices()[0].platform}")
+    if args.unsound_rel_pad is not None:
+        print(f"DIAGNOSTIC: REL_PAD = {args.unsound_rel_pad}: these bounds are NOT sound in float32")
     print(f"{'method':<28} {'eps':>7} {'mean width':>11} {'true >=':>9} {'ratio':>7} {'viol':>9} {'bound s':>8} {'compile s':>9}")
     for r in rows:
         if "error" in r:
