@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", default=["ibp", "forward", "crown-ibp", "crown-forward", "crown"])
     p.add_argument("--out", default="benchmarks/out/bound_tightness.json")
     p.add_argument("--unsound-rel-pad", type=float, default=None, metavar="R",
-                   help="DIAGNOSTIC ONLY: set the relaxations' float32 padding REL_PAD to R (0 shows how much "
+                   help="DIAGNOSTIC ONLY: set the relaxations' float32 padding REL_PAD to R and LINE_PAD to R/4 (0 shows how much "
                         "of the width is padding); the bounds are then not sound and the rows say so")
     return p.parse_args(argv)
 
@@ -69,6 +69,7 @@ def main(argv=None):
         from diverify.bounds import relaxations
 
         relaxations.REL_PAD = args.unsound_rel_pad
+        relaxations.LINE_PAD = args.unsound_rel_pad / 4
     enc = load_text_encoder(args.fixture if args.model == "tiny-bert" else (args.model_dir or "minilm"))
     if args.layers is not None:
         enc = enc.with_layers(args.layers)

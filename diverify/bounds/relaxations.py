@@ -22,14 +22,19 @@ functions with no such structure (the GELU family) use a grid of
 gives a sound bound in exact arithmetic, whatever the rounding of the slope.
 
 Float32 rounding. Every intercept (and interval end) is pushed outward by
-``REL_PAD * scale + ABS_PAD``, where ``scale = |c| + |s|*max(|l|, |u|) +
-max|f|`` over the evaluated points (``max|f|`` weighted where the float32
-evaluation of ``f`` loses relative accuracy, e.g. GELU's left tail). With
-``REL_PAD = 2e-6`` (about 17 units in the last place) this covers the
-elementwise functions' float32 error (measured at most 2.5 ulp on CPU, 33 ulp
-for ``erfc`` in its far tail, which the weights absorb), the rounding of
-``f(t) - s*t`` and of a later float32 evaluation of ``s*x + c``. Bounds are
-checked against float64 truth by ``tests/bounds/test_relaxations.py``.
+``REL_PAD * max|f| + LINE_PAD * (|c| + |s|*max(|l|, |u|)) + ABS_PAD`` over the
+evaluated points (``max|f|`` weighted where the float32 evaluation of ``f``
+loses relative accuracy, e.g. GELU's left tail). The first term, with
+``REL_PAD = 2e-6`` (about 17 units in the last place), covers the elementwise
+functions' float32 error (measured at most 2.5 ulp on CPU, 33 ulp for
+``erfc`` in its far tail, which the weights absorb). The second covers the
+rounding of the line's own arithmetic: ``c = f(t) - s*t`` and a later
+float32 evaluation of ``s*x + c`` round at most four times by half an ulp of
+``|c| + |s x|``; ``LINE_PAD = 4.8e-7`` (8 half-ulps) is twice that. Keeping
+the two apart matters: the line's terms ``|c|`` and ``|s x|`` are far larger
+than ``|f|`` where ``x`` is far from 0 (``exp`` at 5: 10x), and padding them by
+17 ulp put a floor under every bound that no radius could go below.
+Bounds are checked against float64 truth by ``tests/bounds/test_relaxations.py``.
 Exact cases need no padding and get none (ReLU and abs on one-signed
 intervals, the zero of even powers).
 
@@ -53,6 +58,7 @@ from jax.scipy.special import erfc
 Array = jax.Array
 
 REL_PAD = 2e-6
+LINE_PAD = 4.8e-7
 ABS_PAD = 1e-30
 
 _GRID_POINTS = 64
@@ -202,7 +208,7 @@ def _curv_gelu_tanh(r, big_r):
 def _pad(c, s, m, fmag):
     """Outward float32 margin for the intercept ``c`` of a line of slope ``s``
     on an interval within ``[-m, m]`` where ``|f|`` (weighted) is at most ``fmag``."""
-    return REL_PAD * (jnp.abs(c) + jnp.abs(s) * m + fmag) + ABS_PAD
+    return REL_PAD * fmag + LINE_PAD * (jnp.abs(c) + jnp.abs(s) * m) + ABS_PAD
 
 
 def _safe_div(num, den):

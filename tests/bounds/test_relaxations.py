@@ -213,6 +213,7 @@ def test_checker_catches_missing_padding(monkeypatch):
     rng = np.random.default_rng(1)
     l = rng.uniform(-5, 5, 512).astype(np.float32)
     monkeypatch.setattr(R, "REL_PAD", 0.0)
+    monkeypatch.setattr(R, "LINE_PAD", 0.0)
     monkeypatch.setattr(R, "ABS_PAD", 0.0)
     for name in ("exp", "softplus"):
         unpadded = jax.jit(functools.partial(R.linear_bounds, name))(l, l)
