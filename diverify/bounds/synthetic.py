@@ -79,11 +79,23 @@ def _simplex_node(y, out_id: int, axis: int, like: Node, builder) -> Node:
                 source=like.source)
 
 
+#: Pairwise softmax differences are clipped here before ``exp`` (see :func:`_softmax_pairwise`).
+EXP_CLIP = 80.0
+
+
 def _softmax_pairwise(x, axis):
+    """``y_i = 1 / (1 + sum_{j != i} exp(min(x_j - x_i, EXP_CLIP)))``.
+
+    The clip keeps masked keys (scores ~ -1e9) boundable: where a difference
+    exceeds 80, the true ``y_i`` is below ``1 / (1 + e^80) = 1.8e-35`` and the
+    clipped form gives a value in ``[0, 1.8e-35]`` as well, so the rewrite
+    moves ``y_i`` by less than ``ABS_PAD`` (1e-30), which every relaxation adds.
+    A sum of at most 1e3 terms ``e^80`` stays finite in float32.
+    """
     x = jnp.moveaxis(x, axis, -1)
     diff = x[..., None, :] - x[..., :, None]  # diff[..., i, j] = x_j - x_i
     off_diagonal = 1.0 - jnp.eye(x.shape[-1], dtype=x.dtype)
-    y = 1.0 / (1.0 + jnp.sum(off_diagonal * jnp.exp(diff), axis=-1))
+    y = 1.0 / (1.0 + jnp.sum(off_diagonal * jnp.exp(jnp.minimum(diff, EXP_CLIP)), axis=-1))
     return jnp.moveaxis(y, -1, axis)
 
 

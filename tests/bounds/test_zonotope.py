@@ -48,3 +48,18 @@ def test_softmax_rows_sum_to_one_in_the_bound(method):
     fn = lambda x: jax.nn.softmax(x, axis=-1) @ varied  # noqa: E731
     out = compile_bounds(fn, box, method=method)(box).output
     check_sound(fn, box, out, jax.random.PRNGKey(6), n=64, attack_directions=2)
+
+
+@pytest.mark.parametrize("method", ["ibp", "zonotope", "crown-zonotope"])
+def test_masked_keys_are_bounded(method):
+    """A padded prompt's attention adds -1e9 to masked keys; the pairwise softmax must still be
+    boundable there (the differences are clipped before exp) and stay sound, with the masked
+    keys' probabilities bounded by ~0."""
+    x0 = jax.random.normal(jax.random.PRNGKey(7), (3, 5))
+    bias = jax.numpy.array([0.0, 0.0, 0.0, -1e9, -1e9])
+    fn = lambda x: jax.nn.softmax(x + bias, axis=-1)  # noqa: E731
+    box = Box(x0 - 0.05, x0 + 0.05)
+    out = compile_bounds(fn, box, method=method)(box).output
+    assert float(np.max(np.asarray(out.upper[:, 3:]))) < 1e-20
+    assert float(np.max(np.asarray(out.upper - out.lower))) < 0.2
+    check_sound(fn, box, out, jax.random.PRNGKey(8), n=64, attack_directions=2)
