@@ -400,8 +400,7 @@ def certified_radius(encoder, prompt: Prompt, positions: Sequence[int], concepts
     would round them to 0); a radius below that range is reported as 0. The
     bound function and the PGD attack are each compiled once: eps is traced
     data in both, so every bisection step reuses the same two executables.
-    ``concept_vectors``
-    (one row per concept) replaces embedding ``concepts`` with the encoder."""
+    ``concept_vectors`` (one row per concept) replaces embedding ``concepts`` with the encoder."""
     t0 = time.perf_counter()
     if concept_vectors is None:
         targets = concept_embeddings(encoder, concepts)

@@ -38,6 +38,7 @@ from diverify.bounds import elementwise, relaxations, zonotope
 from diverify.bounds.graph import Const, Graph, Node
 from diverify.bounds.interval import intersect, node_interval
 from diverify.bounds.ops import kind, linear_offset, linear_part
+from diverify.bounds.synthetic import simplex_weights
 
 
 def _pos(a):
@@ -90,13 +91,11 @@ def _product_backward(a_out, lx, ux, ly, uy, alpha):
 
 def _simplex_backward(node: Node, a_out, bounds):
     """``<A, y>`` with ``sum_axis y = 1``: ``A -> A - mu``, ``bias += sum mu``,
-    ``mu = sum_axis A w`` with ``w`` the renormalised interval middle.
+    ``mu = sum_axis A w`` with ``w`` from :func:`~diverify.bounds.synthetic.simplex_weights`.
 
     Exact for every ``y`` on the simplex, whatever ``mu`` is (sound)."""
-    axis = node.params["axis"] + 1
-    mid = jnp.maximum((bounds[0] + bounds[1]) / 2, 0.0)
-    w = mid / jnp.maximum(jnp.sum(mid, axis=axis - 1, keepdims=True), jnp.finfo(mid.dtype).tiny)
-    mu = jnp.sum(a_out * w[None], axis=axis, keepdims=True)
+    w = simplex_weights(bounds, node.params["axis"])
+    mu = jnp.sum(a_out * w[None], axis=node.params["axis"] + 1, keepdims=True)
     return {0: a_out - mu}, _rowsum(mu)
 
 

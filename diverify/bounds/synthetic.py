@@ -72,6 +72,14 @@ class Simplex:
     multiple_results = False
 
 
+def simplex_weights(bounds, axis: int):
+    """Weights ``w >= 0`` with ``sum_axis w = 1``: the middle of the interval
+    ``bounds = (lo, hi)``, renormalised (any such ``w`` keeps a simplex
+    method sound; this one centres the errors on the expected probabilities)."""
+    mid = jnp.maximum((bounds[0] + bounds[1]) / 2, 0.0)
+    return mid / jnp.maximum(jnp.sum(mid, axis=axis, keepdims=True), jnp.finfo(mid.dtype).tiny)
+
+
 def _simplex_node(y, out_id: int, axis: int, like: Node, builder) -> Node:
     aval = builder.avals[y]
     return Node(name="simplex", primitive=Simplex(), params={"axis": axis % len(aval.shape)},
@@ -89,7 +97,8 @@ def _softmax_pairwise(x, axis):
     The clip keeps masked keys (scores ~ -1e9) boundable: where a difference
     exceeds 80, the true ``y_i`` is below ``1 / (1 + e^80) = 1.8e-35`` and the
     clipped form gives a value in ``[0, 1.8e-35]`` as well, so the rewrite
-    moves ``y_i`` by less than ``ABS_PAD`` (1e-30), which every relaxation adds.
+    moves ``y_i`` by less than 1.8e-35: below ``ABS_PAD`` (1e-30), which every
+    relaxation adds, and below float32's resolution of any sum it enters.
     A sum of at most 1e3 terms ``e^80`` stays finite in float32.
     """
     x = jnp.moveaxis(x, axis, -1)

@@ -54,6 +54,7 @@ from diverify.bounds import elementwise
 from diverify.bounds.graph import Const, Graph, Node
 from diverify.bounds.interval import intersect, node_interval
 from diverify.bounds.ops import kind, linear_part, linear_radius
+from diverify.bounds.synthetic import simplex_weights
 
 #: Nodes of at most this many elements turn their slack into fresh error symbols at once.
 FRESH_LIMIT = 4096
@@ -250,8 +251,7 @@ def _on_simplex(v: Zonotope, axis: int, bounds, blocks: _Blocks) -> Zonotope:
         v = _fresh(v, blocks)
         if v.has_slack:
             return v
-    mid = jnp.maximum((bounds[0] + bounds[1]) / 2, 0.0)
-    w = mid / jnp.maximum(jnp.sum(mid, axis=axis, keepdims=True), jnp.finfo(mid.dtype).tiny)
+    w = simplex_weights(bounds, axis)
     rank = w.ndim
     terms = {}
     for b, t in v.terms.items():
