@@ -13,8 +13,12 @@ normalisation included) with the bound engine. ``U_c`` is sound; the verdict
 is *certified* when ``U_c < tau``. Otherwise an attack (PGD on the ball,
 exhaustive or greedy search over substitutions) looks for a witness ``x``
 with ``cos >= tau``: a *collision*. If neither succeeds the answer is
-*unknown*. The true robust radius lies between :func:`certified_radius`'s
-two numbers.
+*unknown*, with its reason. A bound the engine cannot compute on a valid set
+(an interval leaving a function's domain, e.g. a LayerNorm variance bound
+reaching 0, or a non-finite bound: the set is too large for the method) is
+not an error: every concept is then *unknown* (or a *collision* if the
+attack, which still runs, finds one), never certified. The true robust
+radius lies between :func:`certified_radius`'s two numbers.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diverify.bounds import compile_bounds
-from diverify.errors import DiverifyError
+from diverify.bounds.api import INTERMEDIATE
+from diverify.errors import DiverifyError, UnsupportedPrimitiveError
 from diverify.specs import LpBall, Substitution, lp_ball, substitution
 
 Status = str  # "certified" | "collision" | "unknown"
@@ -270,13 +275,17 @@ def search_substitutions(fn, s: Substitution, table_ids, max_exhaustive: int = 4
 
 @dataclasses.dataclass(frozen=True)
 class ConceptVerdict:
+    """One concept's answer. ``cosine_upper`` / ``cosine_lower`` are ``None`` when the
+    bound could not be computed; ``reason`` says why the verdict is what it is."""
+
     concept: str
     status: Status
-    cosine_upper: float
-    cosine_lower: float
+    cosine_upper: float | None
+    cosine_lower: float | None
     cosine_clean: float
     attack_cosine: float
     witness: dict | None
+    reason: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,12 +304,32 @@ class Certificate:
     compile_seconds: float
 
 
+def checked_bound(call):
+    """``(call(), None)``, or ``(None, message)`` when the engine reports that the bound
+    cannot be computed on this set (a domain or float32-range failure, a non-finite
+    bound). An unsupported primitive is a property of the model and method, not of
+    the set, and is re-raised."""
+    try:
+        return call(), None
+    except UnsupportedPrimitiveError:
+        raise
+    except DiverifyError as e:
+        return None, str(e)
+
+
 def certify(encoder, prompt: Prompt, input_set, concepts: Sequence[str], threshold: float,
             method: str = "crown", table_ids=None, attack: bool = True, seed: int = 0,
             concept_vectors=None) -> Certificate:
     """Certify (or refute) that no point of ``input_set`` brings the prompt's embedding
     within cosine ``threshold`` of any restricted concept (embedded with the same
-    encoder, or given as ``concept_vectors``, one row per concept)."""
+    encoder, or given as ``concept_vectors``, one row per concept).
+
+    Each concept is *certified* (sound upper bound < threshold), a *collision*
+    (the attack reached the threshold; witness attached) or *unknown*. When the
+    bound cannot be computed on ``input_set`` (:func:`checked_bound`) no concept
+    is certified: the attack runs and the engine's message is the reason of
+    every concept it does not refute. ``seconds`` is then the failed bound's
+    compilation and run time."""
     if not -1.0 <= threshold <= 1.0:
         raise DiverifyError(f"threshold must be a cosine in [-1, 1], got {threshold}")
     if concept_vectors is None:
@@ -312,13 +341,18 @@ def certify(encoder, prompt: Prompt, input_set, concepts: Sequence[str], thresho
     t0 = time.perf_counter()
     bf = compile_bounds(fn, input_set, method=method)
     trace_seconds = time.perf_counter() - t0
-    result, compile_seconds, bound_seconds = bf.timed(input_set)
-    upper = np.asarray(result.output.upper)
-    lower = np.asarray(result.output.lower)
+    t1 = time.perf_counter()
+    timed, bound_error = checked_bound(lambda: bf.timed(input_set))
+    if timed is None:
+        compile_seconds, bound_seconds = 0.0, time.perf_counter() - t1
+        upper = lower = np.full(len(concepts), np.nan)
+    else:
+        result, compile_seconds, bound_seconds = timed
+        upper, lower = np.asarray(result.output.upper), np.asarray(result.output.lower)
     clean = np.asarray(fn(_clean_point(input_set)))
     attack_vals = np.full(len(concepts), -np.inf)
     witnesses: list = [None] * len(concepts)
-    if attack and np.any(upper >= threshold):
+    if attack and (bound_error is not None or np.any(upper >= threshold)):
         if isinstance(input_set, Substitution):
             vals, picks = search_substitutions(fn, input_set, table_ids)
             attack_vals = np.asarray(vals)
@@ -333,27 +367,36 @@ def certify(encoder, prompt: Prompt, input_set, concepts: Sequence[str], thresho
                                 "delta": delta[0][np.asarray(input_set.mask)[0, :, 0] > 0].tolist()}
     verdicts = []
     for i, c in enumerate(concepts):
-        if upper[i] < threshold:
-            status, witness = "certified", None
-        elif attack_vals[i] >= threshold:
-            status, witness = "collision", witnesses[i]
-        else:
-            status, witness = "unknown", None
-        verdicts.append(ConceptVerdict(c, status, float(upper[i]), float(lower[i]), float(clean[i]), float(attack_vals[i]), witness))
+        status, reason = _verdict(float(upper[i]), float(attack_vals[i]), threshold, attack, bound_error)
+        verdicts.append(ConceptVerdict(
+            c, status, None if bound_error else float(upper[i]), None if bound_error else float(lower[i]),
+            float(clean[i]), float(attack_vals[i]), witnesses[i] if status == "collision" else None, reason))
     return Certificate(
         model=encoder.name,
         prompt=prompt.text,
         ids=[int(i) for i in prompt.ids[0]],
         tokens=list(prompt.tokens),
         perturbation=describe_set(input_set),
-        method=result.method,
-        intermediate_method=result.intermediate_method,
+        method=bf.method,
+        intermediate_method=INTERMEDIATE[bf.method],
         threshold=float(threshold),
         certified=all(v.status == "certified" for v in verdicts),
         concepts=verdicts,
         seconds=bound_seconds,
         compile_seconds=trace_seconds + compile_seconds,
     )
+
+
+def _verdict(upper: float, attacked: float, threshold: float, attack: bool, bound_error: str | None):
+    """(status, reason) for one concept."""
+    if bound_error is None and upper < threshold:
+        return "certified", f"cosine upper bound {upper:.6g} < threshold {threshold:.6g}"
+    if attacked >= threshold:
+        return "collision", f"the attack reached cosine {attacked:.6g} >= threshold {threshold:.6g}"
+    if bound_error is not None:
+        return "unknown", f"no bound: {bound_error}"
+    found = f"the attack reached only {attacked:.6g}" if attack else "no attack was run"
+    return "unknown", f"cosine upper bound {upper:.6g} >= threshold {threshold:.6g} and {found}"
 
 
 def _clean_point(input_set):
@@ -412,11 +455,9 @@ def certified_radius(encoder, prompt: Prompt, positions: Sequence[int], concepts
     bf = compile_bounds(fn, ball, method=method)
 
     def is_certified(eps):
-        try:
-            out = bf(dataclasses.replace(ball, eps=jnp.float32(eps))).output
-        except DiverifyError:
-            return False
-        return bool(np.all(np.asarray(out.upper) < threshold))
+        # A bound the engine cannot compute at eps certifies nothing (checked_bound).
+        result, _ = checked_bound(lambda: bf(dataclasses.replace(ball, eps=jnp.float32(eps))))
+        return result is not None and bool(np.all(np.asarray(result.output.upper) < threshold))
 
     attack = pgd_attack(fn)
 

@@ -41,3 +41,23 @@ def test_bad_specifications_are_one_line_errors(model_dir, argv, message):
     res = run("bounds", "--model", model_dir, "--ids", "2,7,11,5,3", *argv)
     assert res.returncode == 2
     assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_certify_reports_unknown_with_the_reason_when_the_bound_cannot_be_computed():
+    """MiniLM's first layer at eps 0.1 under IBP: the bound leaves the reciprocal's domain, so
+    no concept is certified; the attack still runs and finds the dog collision, not the gun."""
+    argv = ["certify", "--prompt", "a photo of a cat", "--positions", "4", "--eps", "0.1", "--method", "ibp",
+            "--layers", "1", "--restricted", "a photo of a dog", "a gun", "--threshold", "0.97"]
+    res = run(*argv, "--json")
+    assert res.returncode == 0, res.stderr[-1000:]
+    out = json.loads(res.stdout)
+    dog, gun = out["concepts"]
+    assert out["certified"] is False
+    assert dog["status"] == "collision" and len(dog["witness"]["delta"][0]) == 384
+    assert float(dog["attack_cosine"]) >= 0.97 and dog["cosine_upper"] is None
+    assert gun["status"] == "unknown" and "cannot bound" in gun["reason"] and gun["cosine_upper"] is None
+    assert float(gun["attack_cosine"]) < 0.97  # the attack ran
+    res = run(*argv)
+    assert res.returncode == 0, res.stderr[-1000:]
+    assert "reason: no bound: cannot bound" in res.stdout and "witness: a perturbation" in res.stdout
+    assert "NOT CERTIFIED" in res.stdout

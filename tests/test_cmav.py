@@ -59,6 +59,32 @@ def test_substitution_search_finds_the_best_vertex(encoder):
     assert float(best[0]) == pytest.approx(brute, abs=1e-6)
 
 
+def test_a_bound_that_cannot_be_computed_is_unknown_or_a_collision_never_certified(encoder):
+    """At eps 1 the IBP LayerNorm variance bound reaches 0: the concepts are unknown with the
+    engine's reason, the attack still runs, and a collision it finds is reported with its witness."""
+    prompt = cmav.make_prompt(encoder, ids=IDS)
+    target = jax.random.normal(jax.random.PRNGKey(0), (1, encoder.embedding_dim))
+    ball = cmav.embedding_ball(encoder, prompt, [2], 1.0)
+    cert = cmav.certify(encoder, prompt, ball, ["a"], 0.999, method="ibp", concept_vectors=target)
+    v = cert.concepts[0]
+    assert not cert.certified and v.status == "unknown" and "cannot bound 'rsqrt'" in v.reason
+    assert v.cosine_upper is None and v.cosine_lower is None and v.witness is None
+    assert -1.0 <= v.attack_cosine < 0.999  # the attack ran
+    cert = cmav.certify(encoder, prompt, ball, ["a"], v.cosine_clean - 1e-3, method="ibp", concept_vectors=target)
+    v = cert.concepts[0]
+    assert v.status == "collision" and v.witness["delta_norm"] <= 1.0 + 1e-6 and not cert.certified
+    cert = cmav.certify(encoder, prompt, ball, ["a"], -1.0, method="ibp", concept_vectors=target, attack=False)
+    assert cert.concepts[0].status == "unknown"  # even a trivial threshold is not certified without a bound
+
+
+def test_radius_does_not_certify_where_the_bound_cannot_be_computed(encoder):
+    prompt = cmav.make_prompt(encoder, ids=IDS)
+    target = jax.random.normal(jax.random.PRNGKey(0), (1, encoder.embedding_dim))
+    res = cmav.certified_radius(encoder, prompt, [2], ["a"], 0.999, method="ibp", eps_max=1.0, steps=3,
+                                concept_vectors=target)
+    assert res.certified_radius < 1.0
+
+
 def test_bad_specifications_are_clear_errors(encoder):
     prompt = cmav.make_prompt(encoder, ids=IDS)
     with pytest.raises(DiverifyError, match="out of range"):

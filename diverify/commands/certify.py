@@ -16,7 +16,9 @@ examples:
 Each restricted concept gets one answer: certified (a sound upper bound on the
 cosine over the whole set is below the threshold), collision (an attack found a
 point of the set whose cosine reaches the threshold; the witness is printed), or
-unknown (neither).
+unknown (neither), each with its reason. A bound the method cannot compute on the
+set (too large a perturbation, e.g. a LayerNorm variance bound reaching 0) is no
+error: the concepts are unknown with the engine's message, and the attack still runs.
 """
 
 
@@ -89,7 +91,17 @@ def handler(args) -> int:
     print(f"{'restricted concept':<32} {'clean cos':>9} {'cos upper bound':>15} {'attack cos':>10}  verdict")
     for v in cert.concepts:
         atk = "-" if not np.isfinite(v.attack_cosine) else f"{v.attack_cosine:.4f}"
-        print(f"{v.concept[:32]:<32} {v.cosine_clean:>9.4f} {v.cosine_upper:>15.4f} {atk:>10}  {v.status}")
+        upper = "-" if v.cosine_upper is None else f"{v.cosine_upper:.4f}"
+        print(f"{v.concept[:32]:<32} {v.cosine_clean:>9.4f} {upper:>15} {atk:>10}  {v.status}")
+        print(f"  reason: {v.reason}")
+        if v.witness is not None:
+            print(f"  witness: {_witness_text(v.witness)}")
     overall = "CERTIFIED" if cert.certified else "NOT CERTIFIED"
     print(f"{overall} at threshold {cert.threshold}  ({cert.seconds:.2f} s bound, {cert.compile_seconds:.1f} s compile)")
     return 0
+
+
+def _witness_text(witness: dict) -> str:
+    if "substitution" in witness:
+        return "substitute " + ", ".join(f"position {p} -> token {t}" for p, t in witness["substitution"].items())
+    return f"a perturbation of norm {witness['delta_norm']:.4g} (the whole delta is in --json)"
