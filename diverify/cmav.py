@@ -276,7 +276,8 @@ def search_substitutions(fn, s: Substitution, table_ids, max_exhaustive: int = 4
 @dataclasses.dataclass(frozen=True)
 class ConceptVerdict:
     """One concept's answer. ``cosine_upper`` / ``cosine_lower`` are ``None`` when the
-    bound could not be computed; ``reason`` says why the verdict is what it is."""
+    bound could not be computed; ``reason`` says why the verdict is what it is
+    (``None`` from producers that do not give one yet: :mod:`diverify.edit_bounds`)."""
 
     concept: str
     status: Status
@@ -285,7 +286,7 @@ class ConceptVerdict:
     cosine_clean: float
     attack_cosine: float
     witness: dict | None
-    reason: str
+    reason: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
