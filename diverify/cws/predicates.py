@@ -11,8 +11,8 @@ function:
   (:func:`text_collision_predicate`);
 * denoiser: the sample lands within distance ``r`` of a target
   (:func:`distance_at_most` over ``params -> sample``, with the noise seed
-  and timesteps fixed inside the function), or a classifier says the target
-  class (:func:`class_is` over ``params -> logits``).
+  and timesteps fixed inside the function: :func:`denoiser_sample_fn`), or a
+  classifier says the target class (:func:`class_is` over ``params -> logits``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diverify.cws.sampling import Params, Predicate, param_paths
+from diverify.diffusion.schedulers import SamplingSchedule, sample
 from diverify.errors import DiverifyError
 
 
@@ -134,3 +135,55 @@ def rows_read_by_texts(encoder, texts: list[str]) -> dict[str, tuple[int, ...]]:
         elif path.endswith(POSITION_TABLES):
             rows[path] = tuple(range(ids.shape[1]))
     return rows
+
+
+def denoiser_sample_fn(denoiser, x_T: jax.Array, cond: jax.Array | None, schedule: SamplingSchedule,
+                       key: jax.Array | None = None) -> Callable[[Params], jax.Array]:
+    """``params -> x_0``: the end point of ``schedule``'s reverse chain run by ``denoiser.eps``.
+
+    Everything but the weights is fixed: the start ``x_T``, the conditioning
+    ``cond`` and the sampler noise (step i of a stochastic chain uses
+    ``fold_in(key, i)``), so that the smoothed predicate's randomness is the
+    weight noise alone.
+    """
+    return lambda params: sample(denoiser.eps, params, x_T, cond, schedule, key)
+
+
+def initial_noise(denoiser, seed: int) -> np.ndarray:
+    """x_T ~ N(0, I) of shape ``(1, in_channels, size, size)`` from ``numpy.random.default_rng(seed)``
+    (the convention of :func:`diverify.diffusion.digits.evaluate_samples`)."""
+    size = denoiser.sample_size
+    return np.random.default_rng(seed).standard_normal((1, denoiser.in_channels, size, size)).astype(np.float32)
+
+
+def class_condition(denoiser, rows: list[int] | None) -> np.ndarray | None:
+    """Class weights ``(1, n_rows)``: the sum of the one-hot rows ``rows`` of the class-embedding table.
+
+    One row is that class exactly; several add their embeddings (e.g. a class
+    plus the trigger token row of ``diverify backdoor build --kind
+    denoiser-cond``). ``None`` means unconditional.
+    """
+    config = denoiser.config
+    if getattr(config, "cross_attention_dim", None) is not None:
+        raise DiverifyError(f"{denoiser.class_name} is text-conditioned (cross-attention): cws takes "
+                            "class-conditional or unconditional denoisers")
+    if denoiser.class_name == "DiTTransformer2DModel":
+        n_rows = int(config.num_embeds_ada_norm) + 1
+    else:
+        n_rows = config.num_class_embeds
+    if rows is None:
+        if n_rows is not None:
+            raise DiverifyError(f"{denoiser.class_name} is class-conditional: give --condition (class rows 0.."
+                                f"{n_rows - 1})")
+        return None
+    if n_rows is None:
+        raise DiverifyError(f"{denoiser.class_name} has no class embedding: omit --condition")
+    if not rows:
+        raise DiverifyError("--condition needs at least one class row")
+    bad = [r for r in rows if not 0 <= r < n_rows]
+    if bad:
+        raise DiverifyError(f"--condition row(s) {bad} outside the class-embedding table (rows 0..{n_rows - 1})")
+    weights = np.zeros((1, n_rows), np.float32)
+    for r in rows:
+        weights[0, r] += 1.0
+    return weights
