@@ -12,6 +12,7 @@ GroupNorm's variance and output, up to the first node whose relaxation fails.
     python benchmarks/lipschitz.py --steps 10 --methods global
     python benchmarks/lipschitz.py --gmm --steps 10 25 50 --methods local reach --radii 0.01
     python benchmarks/lipschitz.py --diagnose --engine-methods crown-forward zonotope --radii 1e-3 1e-5
+    python benchmarks/lipschitz.py --precision float32 --steps 10 --methods local  # the engine in float32
     python benchmarks/lipschitz.py --dit --steps 50 --methods local   # DiT-S/2 random weights (GPU)
 """
 
@@ -31,8 +32,8 @@ import numpy as np
 from diverify.diffusion import gmm
 from diverify.diffusion.schedulers import ddim_schedule, noise_schedule, read_noise_schedule
 from diverify.errors import DiverifyError
-from diverify.lipschitz import (clean_trajectory, compile_step_bound, gmm_eps_lipschitz, lipschitz_report, make_chain,
-                                rechain, unet_eps_lipschitz)
+from diverify.lipschitz import (PRECISION, PRECISIONS, clean_trajectory, compile_step_bound, gmm_eps_lipschitz,
+                                lipschitz_report, make_chain, rechain, unet_eps_lipschitz)
 from diverify.models.diffusers_checkpoint import build_denoiser, load_denoiser
 from diverify.results import to_jsonable
 from diverify.specs import Box, lp_ball
@@ -77,16 +78,17 @@ def dit_model(layers: int):
     return den.eps, den.params, noise, jnp.array([3]), x_T, None, f"DiT, {layers} blocks ({n_params} parameters)"
 
 
-def diagnose(chain, engine_method: str, radius: float, compiled: dict, memory_limit: int | None) -> dict:
+def diagnose(chain, engine_method: str, radius: float, compiled: dict, memory_limit: int | None,
+             precision: str) -> dict:
     """Bound step 0 over the l2 ball of ``radius`` and return the interval half-widths of every
     GroupNorm variance (its ``rsqrt`` input) and output, up to the first node whose relaxation fails."""
     traj = clean_trajectory(chain)
     ball = lp_ball(traj[0].reshape(1, -1), radius, p=2)
     if "LpBall" not in compiled:
-        compiled["LpBall"] = compile_step_bound(chain, ball, engine_method, memory_limit)
+        compiled["LpBall"] = compile_step_bound(chain, ball, engine_method, memory_limit, precision)
     sb = compiled["LpBall"]
     k = chain.inputs[:1]
-    res = sb.executable(ball, Box(k, k))
+    res = sb.raw(ball, Box(k, k))
     nodes = sb.bound_function.graph.nodes
     ok = np.asarray(res.node_ok)
     first_bad = int(np.argmin(ok)) if not ok.all() else None
@@ -102,7 +104,8 @@ def diagnose(chain, engine_method: str, radius: float, compiled: dict, memory_li
             norms.append(dict(node=idx, source=node.source.rsplit("/", 1)[-1], var_lower_min=lo,
                               var_halfwidth_max=None if iv is None else float(jnp.max(iv.upper - iv.lower)) / 2,
                               ok=bool(ok[idx])))
-    return dict(engine_method=engine_method, radius=radius, nodes=len(nodes), compile_seconds=sb.compile_seconds,
+    return dict(engine_method=engine_method, radius=radius, precision=precision, nodes=len(nodes),
+                compile_seconds=sb.compile_seconds,
                 first_failure=None if first_bad is None else f"{first_bad}:{nodes[first_bad].name}",
                 out_halfwidth=float(jnp.max(res.output.upper - res.output.lower)) / 2
                 if first_bad is None else None, groupnorms=norms)
@@ -118,6 +121,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["global", "local", "reach"])
     parser.add_argument("--radii", type=float, nargs="+", default=[1e-3])
     parser.add_argument("--engine-methods", nargs="+", default=["crown-forward"])
+    parser.add_argument("--precision", choices=PRECISIONS, default=PRECISION,
+                        help=f"arithmetic of the bound engine for local/reach and --diagnose (default {PRECISION})")
     parser.add_argument("--diagnose", action="store_true", help="where the intervals widen at step 0 (no chain)")
     parser.add_argument("--memory-limit-gib", type=float, default=None,
                         help="with --diagnose: refuse a step bound XLA estimates above this (default: device memory)")
@@ -130,7 +135,7 @@ def main() -> None:
         apply_fn, params, noise, cond, x_T, lip, name = dit_model(args.dit)
     else:
         apply_fn, params, noise, cond, x_T, lip, name = digits_model(args.denoiser)
-    print(f"model {name}, device {jax.devices()[0].platform}", flush=True)
+    print(f"model {name}, device {jax.devices()[0].platform}, engine precision {args.precision}", flush=True)
     rows = []
     # One chain's step map for every T: each engine method compiles its step bounds once for the whole run.
     chain = None
@@ -142,7 +147,7 @@ def main() -> None:
             for engine_method in args.engine_methods:
                 for radius in args.radii:
                     try:
-                        row = diagnose(chain, engine_method, radius, caches[engine_method], limit)
+                        row = diagnose(chain, engine_method, radius, caches[engine_method], limit, args.precision)
                     except DiverifyError as err:
                         row = dict(engine_method=engine_method, radius=radius, error=str(err))
                     rows.append(dict(row, steps=steps))
@@ -154,7 +159,7 @@ def main() -> None:
                 start = time.perf_counter()
                 try:
                     rep = lipschitz_report(chain, method, radius, lip, engine_method,
-                                           compiled=caches.get(engine_method))
+                                           compiled=caches.get(engine_method), precision=args.precision)
                     row = dict(log10_certified=rep.log10_cumulative, empirical_lower=rep.empirical_lower,
                                chain_jacobian=rep.empirical_chain_jacobian,
                                log10_ratio=rep.log10_cumulative - float(np.log10(rep.empirical_lower)),
@@ -162,7 +167,8 @@ def main() -> None:
                                compile_seconds=rep.compile_seconds, error=None)
                 except DiverifyError as err:
                     row = dict(error=str(err), seconds=time.perf_counter() - start)
-                rows.append(dict(row, steps=steps, method=method, engine_method=engine_method, radius=radius))
+                rows.append(dict(row, steps=steps, method=method, engine_method=engine_method, radius=radius,
+                                 precision=None if method == "global" else args.precision))
                 head = f"T={steps:>3} {method:>7} {engine_method:>14} r={radius:<7g}"
                 if row["error"]:
                     print(f"{head} error: {row['error'][:110]}  ({row['seconds']:.1f} s)", flush=True)

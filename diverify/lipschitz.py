@@ -42,9 +42,15 @@ Soundness: global bounds rest on (i) exact upper bounds of linear operator
 norms (the Schur bound ||A||_2 <= sqrt(||A||_1 ||A||_inf) for convolutions,
 an SVD padded by a relative 1e-4 for dense layers) and (ii) the stated
 nonlinearity slopes; power iteration is only reported, never used, because it
-under-estimates. Local and reach bounds are as sound as the bound engine
-(float32 rounding covered by its padding). All are exact-arithmetic bounds
-for the float32 model evaluated in real arithmetic.
+under-estimates. Local and reach bounds are as sound as the bound engine.
+All are exact-arithmetic bounds for the float32 model's weights evaluated in
+real arithmetic. ``precision`` picks the engine's arithmetic for local/reach:
+``"float64"`` (default) traces the step in float64 with padding at float64's
+ulp and rounds the output boxes outward to float32; ``"float32"`` bounds in
+float32 with float32 padding, a radius-independent floor (~1e-6 per
+GroupNorm input) that a UNet's up path multiplies until a GroupNorm variance
+interval reaches 0 (see benchmarks/RESULTS.md). Each propagated radius rho_i
+is rounded up to float32 before it becomes the next ball.
 """
 
 from __future__ import annotations
@@ -63,6 +69,9 @@ from diverify.diffusion.schedulers import SamplingSchedule, StepCoefficients, st
 from diverify.errors import DiverifyError
 
 METHODS = ("global", "local", "reach")
+#: Arithmetic of the bound engine for local/reach bounds (see the module docstring).
+PRECISIONS = ("float32", "float64")
+PRECISION = "float64"
 
 #: max_x |d/dx x sigmoid(x)| (attained at x ~ 2.3994).
 SILU_SLOPE = 1.0998
@@ -427,9 +436,13 @@ def step_lipschitz(c: StepCoefficients, eps_x: float, eps_c: float | None = None
 
 
 def _box_radius(lo, hi, centre) -> float:
-    """l2 distance from ``centre`` to the farthest point of the box [lo, hi]."""
-    far = jnp.maximum(hi - centre, centre - lo)
-    return float(jnp.linalg.norm(far))
+    """l2 distance from ``centre`` to the farthest point of the box [lo, hi], computed in float64 and
+    rounded up to a float32 value (the ball built from it stores its radius in float32)."""
+    lo, hi, centre = (np.asarray(v, np.float64) for v in (lo, hi, centre))
+    # 1e-12 covers the float64 rounding of the norm (relative <= d * 1.1e-16) for d up to ~9000.
+    r = float(np.linalg.norm(np.maximum(hi - centre, centre - lo))) * (1 + 1e-12)
+    r32 = np.float32(r)
+    return float(r32 if float(r32) >= r else np.nextafter(r32, np.float32(np.inf)))
 
 
 def _available_bytes() -> int:
@@ -452,17 +465,24 @@ class StepBound:
     executable: Any
     compile_seconds: float
     memory_bytes: int
+    precision: str = PRECISION
+
+    def raw(self, in_set, k_box):
+        """The unchecked :class:`~diverify.bounds.api.BoundResult` (intermediates, node_ok) for ``k_box``."""
+        with self.bound_function.context():
+            return self.executable(in_set, k_box)
 
     def __call__(self, in_set, k):
         from diverify.specs import Box
 
         k = k[None]
-        return self.bound_function._checked(self.executable(in_set, Box(k, k))).output
+        return self.bound_function._checked(self.raw(in_set, Box(k, k))).output
 
 
 def compile_step_bound(chain: Chain, in_set: Any, engine_method: str,
-                       memory_limit: int | None = None) -> StepBound:
-    """Trace and compile the bound of the step map for sets like ``in_set``.
+                       memory_limit: int | None = None, precision: str = PRECISION) -> StepBound:
+    """Trace and compile the bound of the step map for sets like ``in_set``, in ``precision``
+    (``"float32"`` or ``"float64"``, see the module docstring).
 
     XLA's own memory analysis of the compiled bound is checked against ``memory_limit``
     (default: the device's memory) before anything runs: a problem too large for the machine is a
@@ -479,8 +499,9 @@ def compile_step_bound(chain: Chain, in_set: Any, engine_method: str,
 
     k = chain.inputs[:1]
     start = time.perf_counter()
-    bf = compile_bounds(flat, in_set, Box(k, k), method=engine_method)
-    exe = jax.jit(bf.unchecked).lower(in_set, Box(k, k)).compile()
+    bf = compile_bounds(flat, in_set, Box(k, k), method=engine_method, precision=precision)
+    with bf.context():
+        exe = jax.jit(bf.unchecked).lower(in_set, Box(k, k)).compile()
     seconds = time.perf_counter() - start
     mem = exe.memory_analysis()
     need = 0 if mem is None else int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes)
@@ -491,17 +512,18 @@ def compile_step_bound(chain: Chain, in_set: Any, engine_method: str,
             f"{int(np.prod(shape))} perturbed inputs through {len(bf.graph.nodes)} operations), more than the "
             f"{limit / 2 ** 30:.1f} GiB available: the problem is too large for this method here (try "
             "--engine-method ibp, a smaller model or a machine with more memory)")
-    return StepBound(step, bf, exe, seconds, need)
+    return StepBound(step, bf, exe, seconds, need, precision)
 
 
 def engine_chain(chain: Chain, radius: float, method: str, engine_method: str = "crown-forward",
                  trajectory: list | None = None, compiled: dict | None = None,
-                 progress: Callable | None = None) -> tuple[list[float], list[float]]:
-    """Radii rho_0 = radius, rho_1, ..., rho_T of the ``local`` (balls) or ``reach`` (boxes) propagation.
+                 progress: Callable | None = None, precision: str = PRECISION) -> tuple[list[float], list[float]]:
+    """Radii rho_0 = radius, rho_1, ..., rho_T of the ``local`` (balls) or ``reach`` (boxes) propagation,
+    the engine computing in ``precision``.
 
     Returns (rho, box_widths): ``box_widths[i]`` is the largest half-width of step i's output box.
     ``compiled`` caches the :class:`StepBound` per kind of input set (one for all steps and radii, and
-    for every chain that shares this chain's step map, see :func:`rechain`).
+    for every chain that shares this chain's step map, see :func:`rechain`; recompiled for another precision).
     """
     from diverify.specs import Box, lp_ball
 
@@ -513,12 +535,12 @@ def engine_chain(chain: Chain, radius: float, method: str, engine_method: str = 
         centre = traj[i].reshape(1, -1)
         in_set = lp_ball(centre, rho[-1], p=2) if method == "local" or box is None else box
         kind = type(in_set).__name__
-        if kind not in compiled or compiled[kind].step is not chain.step:
-            compiled[kind] = compile_step_bound(chain, in_set, engine_method)
+        if kind not in compiled or compiled[kind].step is not chain.step or compiled[kind].precision != precision:
+            compiled[kind] = compile_step_bound(chain, in_set, engine_method, precision=precision)
         out = compiled[kind](in_set, chain.inputs[i])
         nxt = traj[i + 1].reshape(1, -1)
         rho.append(_box_radius(out.lower, out.upper, nxt))
-        widths.append(float(jnp.max(out.upper - out.lower)) / 2)
+        widths.append(float(np.max(np.asarray(out.upper, np.float64) - np.asarray(out.lower, np.float64))) / 2)
         box = Box(out.lower, out.upper)
         if progress is not None:
             progress()
@@ -605,7 +627,7 @@ class LipschitzReport:
     the largest r (found) at which the attack stays within distance, i.e. about where it
     first breaks the distance (an upper estimate of the true robust radius);
     ``compile_seconds``: tracing + compilation of the engine's step bounds (local/reach; part of
-    ``seconds``).
+    ``seconds``); ``precision``: the engine's arithmetic (local/reach; None for global).
     """
 
     method: str
@@ -626,6 +648,7 @@ class LipschitzReport:
     empirical_radius: float | None
     seconds: float
     compile_seconds: float | None = None
+    precision: str | None = None
 
 
 def _global(chain: Chain, eps_lipschitz: Callable[[int], tuple[float, float]]):
@@ -671,8 +694,10 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
                      eps_lipschitz: Callable[[int], tuple[float, float]] | None = None,
                      engine_method: str = "crown-forward", distance: float | None = None,
                      key: jax.Array | None = None, bisect_iters: int = 6,
-                     progress: Callable | None = None, compiled: dict | None = None) -> LipschitzReport:
-    """Bounds of ``method`` for ``chain`` over the l2 ball of ``radius`` around its x_T.
+                     progress: Callable | None = None, compiled: dict | None = None,
+                     precision: str = PRECISION) -> LipschitzReport:
+    """Bounds of ``method`` for ``chain`` over the l2 ball of ``radius`` around its x_T (local/reach: the
+    engine computing in ``precision``).
 
     ``eps_lipschitz(t) -> (L_x, L_cond)`` is needed for ``global``. With
     ``distance`` the certified radius (for global exactly distance / cumulative;
@@ -681,6 +706,8 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
     """
     if method not in METHODS:
         raise DiverifyError(f"unknown Lipschitz method {method!r}: choose one of {', '.join(METHODS)}")
+    if precision not in PRECISIONS:
+        raise DiverifyError(f"unknown precision {precision!r}: choose float32 or float64")
     if not (math.isfinite(radius) and radius > 0):
         raise DiverifyError(f"radius must be a positive finite number, got {radius}")
     if distance is not None and not (math.isfinite(distance) and distance > 0):
@@ -699,14 +726,15 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
     else:
         compiled = {} if compiled is None else compiled
         cached = {id(b) for b in compiled.values()}
-        radii, _ = engine_chain(chain, radius, method, engine_method, traj, compiled, progress)
+        radii, _ = engine_chain(chain, radius, method, engine_method, traj, compiled, progress, precision)
         per_step = [radii[i + 1] / radii[i] if radii[i] > 0 else 0.0 for i in range(chain.num_steps)]
         cumulative = radii[-1] / radius
         log_cumulative = math.log10(cumulative) if cumulative > 0 else -math.inf
         if distance is not None:
             def holds(r):
                 try:
-                    return engine_chain(chain, r, method, engine_method, traj, compiled)[0][-1] <= distance
+                    return engine_chain(chain, r, method, engine_method, traj, compiled,
+                                        precision=precision)[0][-1] <= distance
                 except DiverifyError:
                     return False
             cert_radius = _bisect_radius(holds, radius, bisect_iters)
@@ -729,4 +757,5 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
     return LipschitzReport(method, chain.schedule.kind, chain.num_steps, float(radius), per_step, float(cumulative),
                            float(log_cumulative),
                            emp_steps, emp_chain, emp_attack, emp_lower, cond_cum, radii, distance, cert_radius,
-                           emp_radius, time.perf_counter() - start, compile_seconds)
+                           emp_radius, time.perf_counter() - start, compile_seconds,
+                           None if method == "global" else precision)

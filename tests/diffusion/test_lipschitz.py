@@ -67,14 +67,17 @@ def test_unequal_stds_have_no_global_bound():
         L.gmm_eps_lipschitz(mix, 0.5)
 
 
-@pytest.mark.parametrize("method", ["local", "reach"])
-def test_engine_radii_contain_sampled_trajectory_end_points(method):
+@pytest.mark.parametrize("method,precision", [("local", "float64"), ("reach", "float64"), ("reach", "float32")])
+def test_engine_radii_contain_sampled_trajectories(method, precision):
+    """Every sampled trajectory from the x_T ball stays within rho_i of the clean one at every step, and
+    sampled points on the sphere (pairs with x̄_T) stay under the certified expansion rho_T / r."""
     mix, schedule = mixture(2), sch.ddim_schedule(NOISE, 2)
     x_T = jnp.array([[0.03, 0.4]], jnp.float32)
     chain = L.make_chain(G.gmm_eps, mix, None, schedule, x_T)
     radius = 0.05
     compiled = {}
-    rho, _ = L.engine_chain(chain, radius, method, "ibp", compiled=compiled)
+    rho, _ = L.engine_chain(chain, radius, method, "ibp", compiled=compiled, precision=precision)
+    assert all(b.precision == precision for b in compiled.values())
     # One traced and compiled bound serves every step (a ball for local; a ball then boxes for reach).
     assert len(compiled) == (1 if method == "local" else 2)
     fmap = jax.jit(jax.vmap(G.ddim_map(mix, schedule)))
@@ -91,6 +94,14 @@ def test_engine_radii_contain_sampled_trajectory_end_points(method):
     ends = np.asarray(fmap(jnp.asarray(points, jnp.float32)))
     assert np.max(np.linalg.norm(ends - clean, axis=1)) <= rho[-1]
     assert ratio * radius <= rho[-1]
+    pair_ratios = np.linalg.norm(ends[:200] - clean, axis=1) / np.linalg.norm(points[:200] - np.asarray(x_T), axis=1)
+    assert np.max(pair_ratios) <= rho[-1] / radius
+    states = jnp.asarray(points, jnp.float32)[:, None]
+    traj = L.clean_trajectory(chain)
+    step = jax.jit(jax.vmap(chain.step, in_axes=(0, None)))
+    for i in range(chain.num_steps):
+        states = step(states, chain.inputs[i])
+        assert np.max(np.linalg.norm(np.asarray(states - traj[i + 1]).reshape(len(points), -1), axis=1)) <= rho[i + 1]
 
 
 def test_step_map_with_inputs_matches_the_sampler():
@@ -147,6 +158,8 @@ def test_report_is_consistent_and_lower_bounds_stay_below():
         L.lipschitz_report(chain, "global", -1.0, lip)
     with pytest.raises(DiverifyError, match="unknown Lipschitz method"):
         L.lipschitz_report(chain, "spectral", 0.1, lip)
+    with pytest.raises(DiverifyError, match="unknown precision"):
+        L.lipschitz_report(chain, "local", 0.1, precision="float16")
 
 
 def test_unet_global_bound_dominates_sampled_pairs_in_sample_and_class_weights():
