@@ -180,7 +180,7 @@ def crown_interval(graph: Graph, vid: int, bounds, input_sets, producer_index: i
     """CROWN lower and upper bounds of every element of value ``vid``."""
     shape = tuple(graph.avals[vid].shape)
     n = math.prod(shape)
-    eye = jnp.eye(n, dtype=jnp.float32).reshape((n,) + shape)
+    eye = jnp.eye(n, dtype=graph.avals[vid].dtype).reshape((n,) + shape)
     a0 = jnp.concatenate([eye, -eye])
 
     def run(rows):
@@ -195,6 +195,22 @@ def crown_interval(graph: Graph, vid: int, bounds, input_sets, producer_index: i
     return low[:n].reshape(shape), -low[n:].reshape(shape)
 
 
+#: Inputs of ``rsqrt``/``sqrt`` with at most this many elements get CROWN bounds in the zonotope method.
+REFINE_LIMIT = 256
+
+
+def refined_by_crown(graph: Graph) -> set[int]:
+    """The values whose zonotope interval a backward CROWN pass tightens: the
+    small inputs of ``rsqrt``/``sqrt``, i.e. LayerNorm/GroupNorm variances (one
+    per token or group). Their lower bound decides whether the normalisation
+    can be bounded at all, and CROWN's back-substitution keeps every earlier
+    relaxation's error with its sign where the zonotope had to box some of them
+    (its symbol budget)."""
+    return {node.inputs[0] for node in graph.nodes
+            if node.name in ("rsqrt", "sqrt") and not isinstance(node.inputs[0], Const)
+            and math.prod(graph.avals[node.inputs[0]].shape) <= REFINE_LIMIT}
+
+
 def intermediate_bounds(graph: Graph, input_sets, method: str = "crown"):
     """Intervals of every value (dict id -> (l, u)) and the per-node domain flags.
 
@@ -205,10 +221,18 @@ def intermediate_bounds(graph: Graph, input_sets, method: str = "crown"):
     the two intervals are intersected (both are sound, so the intersection
     is). ``method="ibp"`` keeps the IBP intervals (CROWN-IBP);
     ``method="forward"`` takes forward linear bounds and ``method="zonotope"``
-    zonotope bounds (both :mod:`diverify.bounds.zonotope`).
+    zonotope bounds (both :mod:`diverify.bounds.zonotope`), the latter with
+    the normalisation variances tightened by CROWN (:func:`refined_by_crown`).
     """
     if method in ("forward", "zonotope"):
-        return zonotope.propagate(graph, input_sets, fresh_errors=method == "zonotope")
+        refine = None
+        if method == "zonotope":
+            targets = refined_by_crown(graph)
+
+            def refine(vid, idx, env):
+                return crown_interval(graph, vid, env, input_sets, idx) if vid in targets else None
+
+        return zonotope.propagate(graph, input_sets, fresh_errors=method == "zonotope", refine=refine)
     env = dict(zip(graph.inputs, [s.interval() for s in input_sets]))
     needed = needs_bounds(graph) if method == "crown" else set()
     flags = []

@@ -99,9 +99,9 @@ def bounded_function(node: Node):
     return f
 
 
-def linear_offset(node: Node, dtype=jnp.float32):
+def linear_offset(node: Node):
     """``f(0)``: the constant part of an affine node (one array per output)."""
-    zeros = [jnp.zeros(node.in_avals[i].shape, dtype) for i in node.bounded_inputs]
+    zeros = [jnp.zeros(node.in_avals[i].shape, node.in_avals[i].dtype) for i in node.bounded_inputs]
     return bounded_function(node)(*zeros)
 
 

@@ -35,6 +35,9 @@ the two apart matters: the line's terms ``|c|`` and ``|s x|`` are far larger
 than ``|f|`` where ``x`` is far from 0 (``exp`` at 5: 10x), and padding them by
 17 ulp put a floor under every bound that no radius could go below.
 Bounds are checked against float64 truth by ``tests/bounds/test_relaxations.py``.
+In float64 (``precision="float64"`` of the engine) every padding is scaled by
+float64's unit roundoff relative to float32's (``2^-29``): the same number of
+ulps, checked against 50-digit ``mpmath`` values by the same test file.
 Exact cases need no padding and get none (ReLU and abs on one-signed
 intervals, the zero of even powers).
 
@@ -205,10 +208,27 @@ def _curv_gelu_tanh(r, big_r):
 # padding and small helpers
 
 
+def _ulps(dtype) -> float:
+    """The padding constants are written for float32; a wider float type scales
+    them by its smaller unit roundoff (float64: by 2^-29)."""
+    return float(jnp.finfo(dtype).eps / jnp.finfo(jnp.float32).eps)
+
+
+def rel_pad(dtype) -> float:
+    """``REL_PAD`` for arithmetic in ``dtype``."""
+    return REL_PAD * _ulps(dtype)
+
+
+def _flush_pad(dtype) -> float:
+    return float(jnp.finfo(dtype).tiny)
+
+
 def _pad(c, s, m, fmag):
-    """Outward float32 margin for the intercept ``c`` of a line of slope ``s``
-    on an interval within ``[-m, m]`` where ``|f|`` (weighted) is at most ``fmag``."""
-    return REL_PAD * fmag + LINE_PAD * (jnp.abs(c) + jnp.abs(s) * m) + ABS_PAD
+    """Outward margin for the intercept ``c`` of a line of slope ``s`` on an
+    interval within ``[-m, m]`` where ``|f|`` (weighted) is at most ``fmag``,
+    for arithmetic in ``c``'s float type."""
+    k = _ulps(c.dtype)
+    return k * (REL_PAD * fmag + LINE_PAD * (jnp.abs(c) + jnp.abs(s) * m)) + ABS_PAD
 
 
 def _safe_div(num, den):
@@ -301,9 +321,9 @@ def _sqrt_lines(l, u, alpha_upper) -> LinearBounds:
     zero = jnp.zeros_like(l)
     return LinearBounds(
         jnp.where(flat, zero, lines.lower_slope),
-        jnp.where(flat, bottom - (REL_PAD * bottom + ABS_PAD), lines.lower_intercept),
+        jnp.where(flat, bottom - (rel_pad(l.dtype) * bottom + ABS_PAD), lines.lower_intercept),
         jnp.where(flat, zero, lines.upper_slope),
-        jnp.where(flat, top + (REL_PAD * top + ABS_PAD), lines.upper_intercept),
+        jnp.where(flat, top + (rel_pad(l.dtype) * top + ABS_PAD), lines.upper_intercept),
     )
 
 
@@ -395,9 +415,8 @@ def _grid_lines(f, df, curv, weight, l, u, alpha_lower, alpha_upper) -> LinearBo
 # the piecewise-linear ones: exact on one-signed intervals
 
 
-#: XLA on CPU flushes float32 subnormals (|x| < 1.2e-38) to zero, so even the
-#: "exact" relu/abs lines are padded by the smallest normal float32.
-_FLUSH_PAD = float(jnp.finfo(jnp.float32).tiny)
+# XLA on CPU flushes subnormals (float32: |x| < 1.2e-38) to zero, so even the
+# "exact" relu/abs lines are padded by the smallest normal number (_flush_pad).
 
 
 def _relu_lines(l, u, alpha_lower) -> LinearBounds:
@@ -414,9 +433,9 @@ def _relu_lines(l, u, alpha_lower) -> LinearBounds:
     pos = l >= 0
     return LinearBounds(
         jnp.where(cross, a, jnp.where(pos, one, zero)),
-        zero - _FLUSH_PAD,
+        zero - _flush_pad(l.dtype),
         jnp.where(cross, s, jnp.where(pos, one, zero)),
-        jnp.where(cross, c, zero) + _FLUSH_PAD,
+        jnp.where(cross, c, zero) + _flush_pad(l.dtype),
     )
 
 
@@ -434,9 +453,9 @@ def _abs_lines(l, u, alpha_lower) -> LinearBounds:
     zero = jnp.zeros_like(l)
     return LinearBounds(
         jnp.where(cross, 2.0 * a - 1.0, sign),
-        zero - _FLUSH_PAD,
+        zero - _flush_pad(l.dtype),
         jnp.where(cross, s, sign),
-        jnp.where(cross, c, zero) + _FLUSH_PAD,
+        jnp.where(cross, c, zero) + _flush_pad(l.dtype),
     )
 
 
@@ -664,10 +683,10 @@ def interval_image(name: str, l, u) -> tuple[Array, Array]:
     wu = 1.0 if weight is None else weight(u)
     wmax = jnp.maximum(wl, wu)
     if name not in _EXACT:
-        lo = lo - (REL_PAD * jnp.abs(lo) * wmax + ABS_PAD)
-        hi = hi + (REL_PAD * jnp.abs(hi) * wmax + ABS_PAD)
+        lo = lo - (rel_pad(l.dtype) * jnp.abs(lo) * wmax + ABS_PAD)
+        hi = hi + (rel_pad(l.dtype) * jnp.abs(hi) * wmax + ABS_PAD)
     else:
-        lo, hi = lo - _FLUSH_PAD, hi + _FLUSH_PAD
+        lo, hi = lo - _flush_pad(l.dtype), hi + _flush_pad(l.dtype)
     if name in _EVEN_MIN_AT_ZERO:
         lo = jnp.where((l <= 0) & (u >= 0), 0.0, lo)
     if name in _UNIMODAL_MIN:
@@ -725,7 +744,7 @@ def bilinear_interval(lx, ux, ly, uy) -> tuple[Array, Array]:
     products, padded by ``REL_PAD`` of the largest corner plus ``ABS_PAD``)."""
     xs, ys = _vertices(*_broadcast(lx, ux, ly, uy))
     p = xs * ys
-    pad = REL_PAD * jnp.max(jnp.abs(p), axis=0) + ABS_PAD
+    pad = rel_pad(p.dtype) * jnp.max(jnp.abs(p), axis=0) + ABS_PAD
     return jnp.min(p, axis=0) - pad, jnp.max(p, axis=0) + pad
 
 
@@ -754,7 +773,7 @@ def bilinear_bounds(lx, ux, ly, uy, alpha_lower=None, alpha_upper=None) -> Bilin
     def const(a, b, lower):
         r = p - a * xs - b * ys
         scale = jnp.max(jnp.abs(p) + jnp.abs(a * xs) + jnp.abs(b * ys), axis=0)
-        pad = REL_PAD * scale + ABS_PAD
+        pad = rel_pad(p.dtype) * scale + ABS_PAD
         return jnp.min(r, axis=0) - pad if lower else jnp.max(r, axis=0) + pad
 
     return BilinearBounds(a_l, b_l, const(a_l, b_l, True), a_u, b_u, const(a_u, b_u, False))

@@ -231,7 +231,7 @@ def _drop_identities(nodes: tuple, outputs: list):
     kept = []
     for n in nodes:
         if n.name in IDENTITY_PRIMITIVES or (
-            n.name == "convert_element_type" and n.params.get("new_dtype") == n.out_avals[0].dtype
+            n.name == "convert_element_type" and n.in_avals[0].dtype == n.out_avals[0].dtype
         ):
             alias[n.outputs[0]] = n.inputs[0]
             continue

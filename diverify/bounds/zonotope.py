@@ -29,9 +29,12 @@ slack through one linear map and become a fresh block at its (smaller)
 output.
 
 The number of error symbols is capped: when a value carries more than
-:data:`SYMBOL_BUDGET` of them, they are boxed (``|T_b|`` summed into the
-slack) and replaced by one fresh block of the value's size. Boxing only
-forgets correlations, so the result stays sound.
+:data:`SYMBOL_BUDGET` of them, the :data:`KEEP_SYMBOLS` largest are kept and
+the rest are boxed (``|T_b|`` summed into the slack, which becomes one fresh
+block of the value's size). Boxing only forgets correlations, so the result
+stays sound; keeping the large symbols keeps the cancellations that matter
+(boxing all of them made every later dense layer multiply the excess width
+by ~10: MiniLM, 2 layers, 1e-5, float64: 1.5x the true range instead of 10^4x).
 
 Elements whose interval is a single point (tokens the perturbation has not
 reached yet) are evaluated exactly instead of relaxed: no float32 padding
@@ -60,6 +63,8 @@ from diverify.bounds.synthetic import simplex_weights
 FRESH_LIMIT = 4096
 #: A value carrying more error symbols than this has them boxed into one fresh block.
 SYMBOL_BUDGET = 6144
+#: How many of the largest error symbols a reduction keeps.
+KEEP_SYMBOLS = 3072
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,16 +224,36 @@ def _error_symbols(v: Zonotope, blocks: _Blocks) -> int:
     return sum(math.prod(blocks.shapes[b]) for b in v.terms if blocks.is_error(b))
 
 
+def _reduce_errors(terms: dict, lo, hi, shape, blocks: _Blocks):
+    """Order reduction: keep the :data:`KEEP_SYMBOLS` error symbols with the
+    largest generators (l1 norm over the value) as one new block and box the
+    rest into ``[lo, hi]``.
+
+    Sound: for ``e`` in ``[-1, 1]^n``, ``sum_i g_i e_i`` lies in the kept part
+    (now with fresh copies of the kept symbols, which can only forget
+    correlations with other values) plus ``+-sum_dropped |g_i|``. The boxed
+    sum is padded by ``n`` units of rounding (a worst-case serial sum).
+    """
+    n = math.prod(shape)
+    errs = jnp.concatenate([terms.pop(b).reshape((-1, n)) for b in [b for b in list(terms) if blocks.is_error(b)]])
+    keep = min(KEEP_SYMBOLS, errs.shape[0])
+    mags = jnp.abs(errs)
+    _, idx = jax.lax.top_k(jnp.sum(mags, axis=1), keep)
+    dropped = jnp.ones((errs.shape[0],), mags.dtype).at[idx].set(0.0)
+    r = (dropped @ mags).reshape(shape)
+    r = r * (1.0 + errs.shape[0] * float(jnp.finfo(mags.dtype).eps))
+    if keep:
+        terms[blocks.new((keep,))] = errs[idx].reshape((keep,) + tuple(shape))
+    return terms, lo - r, hi + r
+
+
 def _fresh(v: Zonotope, blocks: _Blocks) -> Zonotope:
-    """Box the error blocks when over budget, then turn the slack into a fresh block."""
+    """Reduce the error blocks when over budget, then turn the slack into a fresh block."""
     shape = tuple(v.offset.shape)
     n = math.prod(shape)
     terms, lo, hi = dict(v.terms), v.slack_lo, v.slack_hi
     if _error_symbols(v, blocks) > SYMBOL_BUDGET:
-        for b in [b for b in terms if blocks.is_error(b)]:
-            t = terms.pop(b)
-            r = jnp.sum(jnp.abs(t).reshape((-1,) + shape), axis=0)
-            lo, hi = lo - r, hi + r
+        terms, lo, hi = _reduce_errors(terms, lo, hi, shape, blocks)
     if n > FRESH_LIMIT:
         return Zonotope(terms, v.offset, lo, hi, True)
     b = blocks.new(shape)
@@ -261,11 +286,13 @@ def _on_simplex(v: Zonotope, axis: int, bounds, blocks: _Blocks) -> Zonotope:
     return dataclasses.replace(v, terms=terms, offset=offset)
 
 
-def propagate(graph: Graph, input_sets, fresh_errors: bool = True):
+def propagate(graph: Graph, input_sets, fresh_errors: bool = True, refine=None):
     """Bounds of every value: returns (intervals id -> (l, u), domain flags).
 
     ``fresh_errors=True`` is the zonotope method; ``False`` keeps every
     relaxation's error in the interval slack (the forward method).
+    ``refine(vid, producer_index, env)``, when given, returns a second sound
+    interval of value ``vid`` (or None), intersected with the zonotope's.
     """
     blocks = _Blocks({}, {})
     forms: dict = {}
@@ -273,12 +300,13 @@ def propagate(graph: Graph, input_sets, fresh_errors: bool = True):
     for vid, s in zip(graph.inputs, input_sets):
         shape = tuple(s.center.shape)
         b = blocks.new(shape, s)
-        eye = jnp.eye(s.center.size, dtype=jnp.float32).reshape(shape + shape)
-        zero = jnp.zeros(shape, jnp.float32)
+        dtype = graph.avals[vid].dtype
+        eye = jnp.eye(s.center.size, dtype=dtype).reshape(shape + shape)
+        zero = jnp.zeros(shape, dtype)
         forms[vid] = Zonotope({b: eye}, zero, zero, zero, False)
         env[vid] = s.interval()
     flags = []
-    for node in graph.nodes:
+    for idx, node in enumerate(graph.nodes):
         ins_iv = [v if isinstance(v, Const) else env[v] for v in node.inputs]
         outs_iv, ok = node_interval(node, ins_iv)
         k = kind(node)
@@ -304,4 +332,7 @@ def propagate(graph: Graph, input_sets, fresh_errors: bool = True):
             lo, hi = concretise(form, blocks)
             forms[vid] = form
             env[vid] = intersect((lo, hi), iv)
+            better = None if refine is None else refine(vid, idx, env)
+            if better is not None:
+                env[vid] = intersect(env[vid], better)
     return env, flags
