@@ -6,10 +6,13 @@ state. For each method and radius the table gives the mean width, the
 true-range lower bound (for every output k the two corners +-eps*sign(J_k) of
 its Jacobian row), their ratio, the bound time after compilation and the
 compilation time, plus the largest violation of the bound by those attack
-points (must be <= 0 up to float32 rounding). auto_LiRPA's CROWN numbers are
+points (must be <= 0 up to float32 rounding; float64 rows evaluate the points in
+float64, since a float64 bound bounds the function in exact arithmetic). auto_LiRPA's CROWN numbers are
 read from the fixture's ``.npz`` (they cannot be produced here).
 
     python benchmarks/bound_tightness.py --eps 1e-4 1e-3 --methods crown-forward crown
+    python benchmarks/bound_tightness.py --model minilm --layers 2 --eps 1e-6 1e-5 1e-4 \
+        --methods crown-zonotope --precision float32 float64
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=None, help="truncate the encoder to its first N layers")
     p.add_argument("--eps", type=float, nargs="+", default=[1e-4, 1e-3])
     p.add_argument("--methods", nargs="+", default=["ibp", "forward", "crown-ibp", "crown-forward", "crown"])
+    p.add_argument("--precision", nargs="+", default=["float32"], choices=["float32", "float64"],
+                   help="arithmetic of the bound computation; each method runs in each precision")
     p.add_argument("--out", default="benchmarks/out/bound_tightness.json")
     p.add_argument("--unsound-rel-pad", type=float, default=None, metavar="R",
                    help="DIAGNOSTIC ONLY: set the relaxations' float32 padding REL_PAD to R and LINE_PAD to R/4 (0 shows how much "
@@ -60,7 +65,14 @@ def true_range_lower(fn, ball, position):
     base = jnp.broadcast_to(x0, (signs.shape[0],) + x0.shape)
     pts = jnp.concatenate([base.at[:, 0, position].add(s * eps * signs) for s in (1.0, -1.0)])
     ys = jax.vmap(fn)(pts)
-    return ys, float(np.mean(np.asarray(ys.max(0) - ys.min(0))))
+    return pts, ys, float(np.mean(np.asarray(ys.max(0) - ys.min(0))))
+
+
+def evaluate_float64(fn, pts):
+    """The attack points through ``fn`` in float64: what a float64 bound (which bounds the
+    function in exact arithmetic) must contain; the float32 outputs differ by the model's rounding."""
+    with jax.enable_x64(True):
+        return np.asarray(jax.vmap(fn)(jnp.asarray(pts, jnp.float64)))
 
 
 def main(argv=None):
@@ -85,18 +97,20 @@ def main(argv=None):
                      "seconds": 4.0, "compile_seconds": None, "note": "quiet 2-core machine, from fixtures/README.md"})
     balls = {eps: cmav.embedding_ball(enc, prompt, [position], eps) for eps in args.eps}
     truth = {eps: true_range_lower(fn, ball, position) for eps, ball in balls.items()}
-    for method in args.methods:
+    for method, precision in [(m, p) for m in args.methods for p in args.precision]:
         # One compilation per method: the radius is data, so every eps reuses it.
         bf, compile_seconds = None, None
         for eps, ball in balls.items():
-            ys, true_lower = truth[eps]
-            row = {"model": args.model, "layers": args.layers, "method": method, "eps": eps,
+            pts, ys, true_lower = truth[eps]
+            if precision == "float64":
+                ys = evaluate_float64(fn, pts)
+            row = {"model": args.model, "layers": args.layers, "method": method, "precision": precision, "eps": eps,
                    "true_range_lower": true_lower}
             if args.unsound_rel_pad is not None:
                 row["unsound_rel_pad"] = args.unsound_rel_pad
             try:
                 if bf is None:
-                    bf = compile_bounds(fn, ball, method=method)
+                    bf = compile_bounds(fn, ball, method=method, precision=precision)
                     _, compile_seconds, _ = bf.timed(ball)
                 res, _, seconds = bf.timed(ball)
             except DiverifyError as err:
@@ -111,13 +125,16 @@ def main(argv=None):
     print(f"device: {jax.devices()[0].platform}")
     if args.unsound_rel_pad is not None:
         print(f"DIAGNOSTIC: REL_PAD = {args.unsound_rel_pad}: these bounds are NOT sound in float32")
+    for r in rows:
+        if r.get("precision") == "float64":
+            r["method_label"] = f"{r['method']} (f64)"
     print(f"{'method':<28} {'eps':>7} {'mean width':>11} {'true >=':>9} {'ratio':>7} {'viol':>9} {'bound s':>8} {'compile s':>9}")
     for r in rows:
         if "error" in r:
-            print(f"{r['method']:<28} {r['eps']:>7.0e}  error: {r['error'][:70]}")
+            print(f"{r.get('method_label', r['method']):<28} {r['eps']:>7.0e}  error: {r['error'][:70]}")
             continue
         f = lambda k, fmt: format(r[k], fmt) if r.get(k) is not None else "-"  # noqa: E731
-        print(f"{r['method']:<28} {r['eps']:>7.0e} {f('mean_width', '11.5g')} {f('true_range_lower', '9.4g')} "
+        print(f"{r.get('method_label', r['method']):<28} {r['eps']:>7.0e} {f('mean_width', '11.5g')} {f('true_range_lower', '9.4g')} "
               f"{f('ratio', '7.2f')} {f('violation', '9.1e')} {f('seconds', '8.3f')} {f('compile_seconds', '9.1f')}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -300,6 +300,7 @@ class Certificate:
     intermediate_method: str
     threshold: float
     certified: bool
+    precision: str
     concepts: list
     seconds: float
     compile_seconds: float
@@ -320,7 +321,7 @@ def checked_bound(call):
 
 def certify(encoder, prompt: Prompt, input_set, concepts: Sequence[str], threshold: float,
             method: str = "crown", table_ids=None, attack: bool = True, seed: int = 0,
-            concept_vectors=None) -> Certificate:
+            concept_vectors=None, precision: str = "float32") -> Certificate:
     """Certify (or refute) that no point of ``input_set`` brings the prompt's embedding
     within cosine ``threshold`` of any restricted concept (embedded with the same
     encoder, or given as ``concept_vectors``, one row per concept).
@@ -330,7 +331,8 @@ def certify(encoder, prompt: Prompt, input_set, concepts: Sequence[str], thresho
     bound cannot be computed on ``input_set`` (:func:`checked_bound`) no concept
     is certified: the attack runs and the engine's message is the reason of
     every concept it does not refute. ``seconds`` is then the failed bound's
-    compilation and run time."""
+    compilation and run time. ``precision``: the bound's arithmetic
+    (:func:`diverify.bounds.compile_bounds`)."""
     if not -1.0 <= threshold <= 1.0:
         raise DiverifyError(f"threshold must be a cosine in [-1, 1], got {threshold}")
     if concept_vectors is None:
@@ -340,7 +342,7 @@ def certify(encoder, prompt: Prompt, input_set, concepts: Sequence[str], thresho
         targets = targets / jnp.linalg.norm(targets, axis=-1, keepdims=True)
     fn = cosine_function(encoder, prompt, targets)
     t0 = time.perf_counter()
-    bf = compile_bounds(fn, input_set, method=method)
+    bf = compile_bounds(fn, input_set, method=method, precision=precision)
     trace_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     timed, bound_error = checked_bound(lambda: bf.timed(input_set))
@@ -382,6 +384,7 @@ def certify(encoder, prompt: Prompt, input_set, concepts: Sequence[str], thresho
         intermediate_method=INTERMEDIATE[bf.method],
         threshold=float(threshold),
         certified=all(v.status == "certified" for v in verdicts),
+        precision=precision,
         concepts=verdicts,
         seconds=bound_seconds,
         compile_seconds=trace_seconds + compile_seconds,
@@ -422,6 +425,7 @@ class RadiusResult:
     norm: str
     threshold: float
     method: str
+    precision: str
     certified_radius: float
     attack_radius: float | None
     ratio: float | None
@@ -435,7 +439,7 @@ RADIUS_DECADES = 6.0
 
 def certified_radius(encoder, prompt: Prompt, positions: Sequence[int], concepts: Sequence[str], threshold: float,
                      norm: float = np.inf, method: str = "crown", eps_max: float = 0.1, steps: int = 12,
-                     seed: int = 0, progress=None, concept_vectors=None) -> RadiusResult:
+                     seed: int = 0, progress=None, concept_vectors=None, precision: str = "float32") -> RadiusResult:
     """Largest eps at which every concept is certified, and the smallest eps
     at which PGD finds a collision: the true robust radius lies between them.
 
@@ -453,7 +457,7 @@ def certified_radius(encoder, prompt: Prompt, positions: Sequence[int], concepts
         targets = targets / jnp.linalg.norm(targets, axis=-1, keepdims=True)
     fn = cosine_function(encoder, prompt, targets)
     ball = embedding_ball(encoder, prompt, positions, eps_max, norm)
-    bf = compile_bounds(fn, ball, method=method)
+    bf = compile_bounds(fn, ball, method=method, precision=precision)
 
     def is_certified(eps):
         # A bound the engine cannot compute at eps certifies nothing (checked_bound).
@@ -500,6 +504,7 @@ def certified_radius(encoder, prompt: Prompt, positions: Sequence[int], concepts
         norm="inf" if norm == np.inf else str(int(norm)),
         threshold=float(threshold),
         method=method,
+        precision=precision,
         certified_radius=lo,
         attack_radius=attack_radius,
         ratio=None if attack_radius is None else lo / attack_radius,

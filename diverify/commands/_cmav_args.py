@@ -24,6 +24,13 @@ def add_prompt_options(parser: argparse.ArgumentParser, positions_required: bool
     parser.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
 
 
+def add_precision_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", default="float64", choices=["float32", "float64"],
+                        help="arithmetic of the bound computation (default float64: at small eps float32's "
+                             "rounding, padded for soundness, dominates the width; float64 bounds the model in exact "
+                             "arithmetic, up to the model's own float32 rounding, and is ~2x slower on CPU)")
+
+
 def add_ball_options(parser: argparse.ArgumentParser, eps_required: bool = True) -> None:
     parser.add_argument("--norm", default="inf", choices=["inf", "2", "1"], help="l_p norm of the ball (default inf)")
     if eps_required:

@@ -21,6 +21,7 @@ def register(subparsers) -> None:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_prompt_options(parser)
     common.add_ball_options(parser)
+    common.add_precision_option(parser)
     parser.set_defaults(func=handler)
 
 
@@ -39,14 +40,14 @@ def handler(args) -> int:
     ball = cmav.embedding_ball(enc, prompt, pos, eps, common.norm_value(args.norm))
     fn = cmav.pooled_function(enc, prompt)
     t0 = time.perf_counter()
-    bf = compile_bounds(fn, ball, method=args.method)
+    bf = compile_bounds(fn, ball, method=args.method, precision=args.precision)
     trace_seconds = time.perf_counter() - t0
     res, compile_seconds, seconds = bf.timed(ball)
     lower, upper = np.asarray(res.output.lower), np.asarray(res.output.upper)
     center = np.asarray(fn(ball.center))
     out = {"model": enc.name, "ids": [int(i) for i in prompt.ids[0]], "positions": pos, "norm": args.norm,
            "eps": eps, "lower": lower, "upper": upper, "center": center, "method": res.method,
-           "intermediate_method": res.intermediate_method, "mean_width": float(np.mean(upper - lower)),
+           "intermediate_method": res.intermediate_method, "precision": args.precision, "mean_width": float(np.mean(upper - lower)),
            "max_width": float(np.max(upper - lower)), "seconds": seconds,
            "compile_seconds": trace_seconds + compile_seconds}
     if args.json:
@@ -54,7 +55,7 @@ def handler(args) -> int:
         return 0
     print(f"model {enc.name}  tokens: {' '.join(prompt.tokens)}")
     print(f"perturbed positions {pos}  l_{args.norm} ball, eps = {eps:g}  method {res.method} "
-          f"(intermediate bounds: {res.intermediate_method})")
+          f"(intermediate bounds: {res.intermediate_method}, {args.precision})")
     print(f"{'coord':>5} {'lower':>12} {'center':>12} {'upper':>12} {'width':>10}")
     for i in range(min(8, lower.size)):
         print(f"{i:>5} {lower[i]:>12.6f} {center[i]:>12.6f} {upper[i]:>12.6f} {upper[i] - lower[i]:>10.3g}")

@@ -32,6 +32,7 @@ def register(subparsers) -> None:
     common.add_prompt_options(parser)
     parser.add_argument("--words", nargs="+", metavar="W", help="perturb the positions of these words of the prompt")
     common.add_ball_options(parser)
+    common.add_precision_option(parser)
     parser.add_argument("--substitutions", nargs="+", metavar="W=a,b,c",
                         help="substitution set: word W of the prompt may become any of a, b, c (its hull)")
     parser.add_argument("--restricted", nargs="+", required=True, metavar="TEXT", help="restricted concepts")
@@ -82,12 +83,13 @@ def handler(args) -> int:
         s = cmav.embedding_ball(enc, prompt, common.positions(args, prompt), eps, common.norm_value(args.norm))
         table = None
     cert = cmav.certify(enc, prompt, s, args.restricted, args.threshold, method=args.method, table_ids=table,
-                        attack=not args.no_attack, seed=args.seed)
+                        attack=not args.no_attack, seed=args.seed, precision=args.precision)
     if args.json:
         print(dumps(cert))
         return 0
     print(f"model {cert.model}  tokens: {' '.join(cert.tokens)}")
-    print(f"perturbation {cert.perturbation}  method {cert.method} (intermediate: {cert.intermediate_method})")
+    print(f"perturbation {cert.perturbation}  method {cert.method} (intermediate: {cert.intermediate_method}, "
+          f"{cert.precision})")
     print(f"{'restricted concept':<32} {'clean cos':>9} {'cos upper bound':>15} {'attack cos':>10}  verdict")
     for v in cert.concepts:
         atk = "-" if not np.isfinite(v.attack_cosine) else f"{v.attack_cosine:.4f}"

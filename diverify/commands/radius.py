@@ -23,6 +23,7 @@ def register(subparsers) -> None:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_prompt_options(parser)
     common.add_ball_options(parser, eps_required=False)
+    common.add_precision_option(parser)
     parser.add_argument("--restricted", nargs="+", required=True, metavar="TEXT")
     parser.add_argument("--threshold", type=float, required=True, metavar="TAU")
     parser.add_argument("--eps-max", type=float, default=0.1, help="upper end of the search (default 0.1)")
@@ -42,12 +43,13 @@ def handler(args) -> int:
     with tqdm(total=args.steps, desc="bisection", disable=args.json, leave=False) as bar:
         res = cmav.certified_radius(enc, prompt, pos, args.restricted, args.threshold,
                                     norm=common.norm_value(args.norm), method=args.method,
-                                    eps_max=args.eps_max, steps=args.steps, progress=lambda n: bar.update(1))
+                                    eps_max=args.eps_max, steps=args.steps, progress=lambda n: bar.update(1),
+                                    precision=args.precision)
     if args.json:
         print(dumps(res))
         return 0
     attack = "none found up to --eps-max" if res.attack_radius is None else f"{res.attack_radius:.4g}"
-    print(f"model {res.model}  positions {res.positions}  l_{res.norm}  threshold {res.threshold}  method {res.method}")
+    print(f"model {res.model}  positions {res.positions}  l_{res.norm}  threshold {res.threshold}  method {res.method} ({res.precision})")
     print(f"certified radius  {res.certified_radius:.4g}")
     print(f"attack radius     {attack}")
     if res.ratio is not None:
