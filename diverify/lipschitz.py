@@ -45,11 +45,13 @@ nonlinearity slopes; power iteration is only reported, never used, because it
 under-estimates. Local and reach bounds are as sound as the bound engine.
 All are exact-arithmetic bounds for the float32 model's weights evaluated in
 real arithmetic. ``precision`` picks the engine's arithmetic for local/reach:
-``"float64"`` (default) traces the step in float64 with padding at float64's
-ulp and rounds the output boxes outward to float32; ``"float32"`` bounds in
+``"float64"`` traces the step in float64 with padding at float64's ulp and
+rounds the output boxes outward to float32; ``"float32"`` (default) bounds in
 float32 with float32 padding, a radius-independent floor (~1e-6 per
 GroupNorm input) that a UNet's up path multiplies until a GroupNorm variance
-interval reaches 0 (see benchmarks/RESULTS.md). Each propagated radius rho_i
+interval reaches 0 (see benchmarks/RESULTS.md). float64 is not the default
+because on the digits UNet its compilation took 13-14 min and a 10-step
+bound did not finish in 34 min on the 2-core CPU. Each propagated radius rho_i
 is rounded up to float32 before it becomes the next ball.
 """
 
@@ -71,7 +73,7 @@ from diverify.errors import DiverifyError
 METHODS = ("global", "local", "reach")
 #: Arithmetic of the bound engine for local/reach bounds (see the module docstring).
 PRECISIONS = ("float32", "float64")
-PRECISION = "float64"
+PRECISION = "float32"
 
 #: max_x |d/dx x sigmoid(x)| (attained at x ~ 2.3994).
 SILU_SLOPE = 1.0998
