@@ -277,7 +277,7 @@ def search_substitutions(fn, s: Substitution, table_ids, max_exhaustive: int = 4
 class ConceptVerdict:
     """One concept's answer. ``cosine_upper`` / ``cosine_lower`` are ``None`` when the
     bound could not be computed; ``reason`` says why the verdict is what it is
-    (``None`` from producers that do not give one yet: :mod:`diverify.edit_bounds`)."""
+    (:func:`concept_verdict`)."""
 
     concept: str
     status: Status
@@ -370,7 +370,7 @@ def certify(encoder, prompt: Prompt, input_set, concepts: Sequence[str], thresho
                                 "delta": delta[0][np.asarray(input_set.mask)[0, :, 0] > 0].tolist()}
     verdicts = []
     for i, c in enumerate(concepts):
-        status, reason = _verdict(float(upper[i]), float(attack_vals[i]), threshold, attack, bound_error)
+        status, reason = concept_verdict(float(upper[i]), float(attack_vals[i]), threshold, attack, bound_error)
         verdicts.append(ConceptVerdict(
             c, status, None if bound_error else float(upper[i]), None if bound_error else float(lower[i]),
             float(clean[i]), float(attack_vals[i]), witnesses[i] if status == "collision" else None, reason))
@@ -391,8 +391,9 @@ def certify(encoder, prompt: Prompt, input_set, concepts: Sequence[str], thresho
     )
 
 
-def _verdict(upper: float, attacked: float, threshold: float, attack: bool, bound_error: str | None):
-    """(status, reason) for one concept."""
+def concept_verdict(upper: float, attacked: float, threshold: float, attack: bool, bound_error: str | None):
+    """(status, reason) for one concept: certified when the bound exists and is below the
+    threshold, a collision when the attack reached it, unknown otherwise (the reason says which)."""
     if bound_error is None and upper < threshold:
         return "certified", f"cosine upper bound {upper:.6g} < threshold {threshold:.6g}"
     if attacked >= threshold:

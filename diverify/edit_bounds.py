@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diverify.bounds import compile_bounds
-from diverify.cmav import ConceptVerdict, Prompt, concept_embeddings
+from diverify.cmav import ConceptVerdict, Prompt, checked_bound, concept_embeddings, concept_verdict
 from diverify.cws.sampling import path_string, select_paths
 from diverify.errors import DiverifyError
 from diverify.specs import MatrixBall, dense_image, matrix_ball
@@ -322,38 +322,49 @@ def edit_problem(encoder, prompt: Prompt, pattern: str, ball: str, concepts: Seq
 
 def certify_edit(encoder, prompt: Prompt, pattern: str, ball: str, radius: float, concepts: Sequence[str],
                  threshold: float, method: str = "crown-forward", formulation: str = "auto", attack: bool = True,
-                 seed: int = 0) -> EditCertificate:
+                 seed: int = 0, concept_vectors=None) -> EditCertificate:
     """Certify (or refute) that no edit of the selected kernels in the ball of ``radius`` makes the
-    prompt's embedding reach cosine ``threshold`` with a restricted concept."""
+    prompt's embedding reach cosine ``threshold`` with a restricted concept (embedded by the
+    clean model, or given as ``concept_vectors``, one row per name in ``concepts``).
+
+    Each concept gets a status and its reason (:func:`diverify.cmav.concept_verdict`); a bound
+    the engine cannot compute on this ball certifies nothing: the attack runs and the
+    engine's message is the reason of every concept it does not refute."""
     if not -1.0 <= threshold <= 1.0:
         raise DiverifyError(f"--threshold must be a cosine in [-1, 1], got {threshold}")
     if not (np.isfinite(radius) and radius >= 0):
         raise DiverifyError(f"--radius must be finite and >= 0, got {radius}")
     t0 = time.perf_counter()
-    problem = edit_problem(encoder, prompt, pattern, ball, concepts, method, formulation, radius)
+    problem = edit_problem(encoder, prompt, pattern, ball, concepts, method, formulation, radius,
+                           concept_vectors=concept_vectors)
     sets = problem.with_radius(radius)
-    result, compile_seconds, seconds = problem.bound_fn.timed(*sets)
-    trace_seconds = time.perf_counter() - t0 - compile_seconds - seconds
-    upper, lower = np.asarray(result.output.upper), np.asarray(result.output.lower)
+    t1 = time.perf_counter()
+    timed, bound_error = checked_bound(lambda: problem.bound_fn.timed(*sets))
+    if timed is None:
+        compile_seconds, seconds = 0.0, time.perf_counter() - t1
+        upper = lower = np.full(len(concepts), np.nan)
+        bound_method = problem.bound_fn.method
+    else:
+        result, compile_seconds, seconds = timed
+        upper, lower = np.asarray(result.output.upper), np.asarray(result.output.lower)
+        bound_method = result.method
+    trace_seconds = t1 - t0
     clean = np.asarray(problem.weight_fn(*[jnp.zeros(s) for s in problem.shapes]))
     attack_vals = np.full(len(concepts), -np.inf)
     edits: list = [None] * len(concepts)
-    if attack and np.any(upper >= threshold):
+    if attack and (bound_error is not None or np.any(upper >= threshold)):
         attack_vals, edits = attack_edits(problem.weight_fn, problem.shapes, problem.norm, radius,
                                           jax.random.key(seed))
     verdicts = []
     for i, c in enumerate(concepts):
-        if upper[i] < threshold:
-            status, witness = "certified", None
-        elif attack_vals[i] >= threshold:
-            status, witness = "collision", {"edit_norms": [edit_norms(np.asarray(d)) for d in edits[i]]}
-        else:
-            status, witness = "unknown", None
-        verdicts.append(ConceptVerdict(c, status, float(upper[i]), float(lower[i]), float(clean[i]),
-                                       float(attack_vals[i]), witness))
+        status, reason = concept_verdict(float(upper[i]), float(attack_vals[i]), threshold, attack, bound_error)
+        witness = {"edit_norms": [edit_norms(np.asarray(d)) for d in edits[i]]} if status == "collision" else None
+        verdicts.append(ConceptVerdict(c, status, None if bound_error else float(upper[i]),
+                                       None if bound_error else float(lower[i]), float(clean[i]),
+                                       float(attack_vals[i]), witness, reason))
     return EditCertificate(
         model=encoder.name, prompt=prompt.text, tokens=list(prompt.tokens), params=list(problem.paths), ball=ball,
-        radius=float(radius), formulation=problem.formulation, method=result.method, threshold=float(threshold),
+        radius=float(radius), formulation=problem.formulation, method=bound_method, threshold=float(threshold),
         certified=all(v.status == "certified" for v in verdicts), concepts=verdicts,
         edited_weights=int(sum(m * n for m, n in problem.shapes)),
         bound_coordinates=int(sum(int(np.prod(s.center.shape)) for s in sets)),

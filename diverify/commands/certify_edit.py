@@ -135,8 +135,9 @@ def handler(args) -> int:
         width = max(len(v.concept) for v in result.concepts)
         for v in result.concepts:
             attack_text = "" if not np.isfinite(v.attack_cosine) else f"  attack {v.attack_cosine:.4f}"
-            print(f"  {v.concept:<{width}}  {v.status:<9}  cos clean {v.cosine_clean:.4f}  "
-                  f"upper {v.cosine_upper:.4f}{attack_text}")
+            upper = "none" if v.cosine_upper is None else f"{v.cosine_upper:.4f}"
+            print(f"  {v.concept:<{width}}  {v.status:<9}  cos clean {v.cosine_clean:.4f}  upper {upper}{attack_text}")
+            print(f"  {'':<{width}}  reason: {v.reason}")
     if args.edit_trigger:
         n = report["rome_edit"]["norms"]
         print(f"ROME-style edit for {args.edit_trigger!r}: inf {n['inf']:.4g}  fro {n['fro']:.4g}  "

@@ -37,7 +37,8 @@ CLS/BOS token); the target's embedding uses the clean weights unless
 Denoisers (--denoiser DIR, a diffusers UNet2DModel or DiT directory such as
 `diverify train-denoiser` or `diverify backdoor build --kind denoiser-cond`
 writes) take the same options. The predicate is about one sample, from a fixed
-x_T ~ N(0, I) (--noise-seed), fixed sampler noise and fixed conditioning
+x_T ~ N(0, I) (--noise-seed; plus the pattern --xt-trigger FILE.npy for an x_T
+trigger, BadDiffusion style), fixed sampler noise and fixed conditioning
 (--condition: the sum of these class-embedding rows), drawn with --steps DDIM
 steps (--eta > 0 makes them stochastic, with noise fixed by --noise-seed too):
 "the classifier (DIR/classifier.json, or --classifier DIR) reads it as
@@ -57,6 +58,8 @@ examples:
       --sigma 0.01 --samples 200 --steps 10 --json
   diverify cws --denoiser /tmp/digits --condition 3 --target-image target.npy --radius 2 \\
       --params "up_blocks*" --sigma 0.01 --samples 200
+  diverify cws --denoiser /tmp/xt/backdoored --condition 3 --xt-trigger /tmp/xt/trigger.npy \
+      --target-class 7 --sigma 0.01 --samples 200
 """
 
 
@@ -85,6 +88,9 @@ def register(subparsers) -> None:
     den.add_argument("--radius", type=float, metavar="R", help="l2 radius around --target-image")
     den.add_argument("--steps", type=int, default=10, metavar="T", help="DDIM sampling steps (default 10)")
     den.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0: deterministic steps)")
+    den.add_argument("--xt-trigger", dest="xt_trigger", metavar="FILE.npy",
+                     help="add this pattern to x_T (an x_T backdoor's trigger, e.g. the trigger.npy that "
+                          "`diverify backdoor build --kind denoiser` writes)")
     den.add_argument("--noise-seed", type=int, default=0, dest="noise_seed",
                      help="seed of x_T and of the sampler noise, fixed for every weight sample (default 0)")
     parser.add_argument("--sigma", type=float, required=True, help="standard deviation of the weight noise")
@@ -249,11 +255,14 @@ def _denoiser_setup(args) -> _Setup:
     rows = None if args.condition is None else parse_int_list(args.condition, "--condition")
     cond = predicates.class_condition(den, rows)
     x_T = predicates.initial_noise(den, args.noise_seed)
+    if args.xt_trigger is not None:
+        x_T = x_T + _read_image(args.xt_trigger, x_T.shape, "--xt-trigger")
     schedule = ddim_schedule(read_noise_schedule(args.denoiser), args.steps, eta=args.eta)
     key = jax.random.key(args.noise_seed) if args.eta > 0 else None
     sample_fn = predicates.denoiser_sample_fn(den, jnp.asarray(x_T), None if cond is None else jnp.asarray(cond),
                                               schedule, key)
-    extra = {"condition": rows, "ddim_steps": args.steps, "eta": args.eta, "noise_seed": args.noise_seed}
+    extra = {"condition": rows, "ddim_steps": args.steps, "eta": args.eta, "noise_seed": args.noise_seed,
+             "xt_trigger": args.xt_trigger}
     # Every check comes before the clean sample, whose compilation takes seconds.
     if args.target_class is not None:
         classifier = digits.load_classifier(args.classifier or args.denoiser)
@@ -272,7 +281,7 @@ def _denoiser_setup(args) -> _Setup:
     else:
         if not args.radius >= 0:
             raise DiverifyError(f"--radius must be >= 0, got {args.radius}")
-        target = _read_image(args.target_image, x_T.shape)
+        target = _read_image(args.target_image, x_T.shape, "--target-image")
         predicate = predicates.distance_at_most(sample_fn, target, args.radius)
         clean_distance = float(np.linalg.norm((np.asarray(jax.jit(sample_fn)(den.params)) - target).ravel()))
         predicate_text = f"||sample - {args.target_image}||_2 <= {args.radius}"
@@ -280,11 +289,13 @@ def _denoiser_setup(args) -> _Setup:
         extra |= {"target": args.target_image, "radius": args.radius, "clean_distance": clean_distance}
     return _Setup(model=str(args.denoiser), model_dir=str(args.denoiser), params=den.params, predicate=predicate,
                   rows=None, predicate_text=f"{predicate_text} (DDIM {args.steps} steps, condition {rows}, "
-                                            f"noise seed {args.noise_seed})",
+                                            f"noise seed {args.noise_seed}"
+                                            + (f", x_T + {args.xt_trigger})" if args.xt_trigger else ")"),
                   clean_text=clean_text, extra=extra)
 
 
-def _read_image(path: str, shape: tuple[int, ...]):
+def _read_image(path: str, shape: tuple[int, ...], option: str):
+    """The image in ``path`` (an ``.npy`` of the samples' size), reshaped to ``shape``; errors name ``option``."""
     import numpy as np
 
     from diverify.errors import DiverifyError
@@ -292,8 +303,8 @@ def _read_image(path: str, shape: tuple[int, ...]):
     try:
         image = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
-        raise DiverifyError(f"--target-image {path!r} is not a readable .npy file: {err}") from None
+        raise DiverifyError(f"{option} {path!r} is not a readable .npy file: {err}") from None
     if image.size != int(np.prod(shape)) or not np.issubdtype(image.dtype, np.number):
-        raise DiverifyError(f"--target-image {path!r} holds {image.size} values of {image.dtype}, the denoiser's "
+        raise DiverifyError(f"{option} {path!r} holds {image.size} values of {image.dtype}, the denoiser's "
                             f"samples have shape {shape[1:]}")
     return np.asarray(image, np.float32).reshape(shape)

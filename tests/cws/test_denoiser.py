@@ -79,6 +79,27 @@ def test_cli_image_predicate_and_human_report(denoiser_dir, clean, tmp_path, cap
     assert "samples n / hits k                   8 / 0" in text and "distance 8" in text
 
 
+def test_cli_xt_trigger_adds_its_pattern_to_the_initial_noise(denoiser_dir, clean, tmp_path, capsys):
+    """--xt-trigger samples from x_T + r: the reported clean distance is that sample's."""
+    x0, _ = clean
+    r = np.full((1, 8, 8), 2.0, np.float32)
+    np.save(tmp_path / "near.npy", x0[0])
+    np.save(tmp_path / "r.npy", r)
+    argv = ["cws", "--denoiser", str(denoiser_dir), "--condition", "3", "--steps", str(STEPS), "--sigma", "1e-6",
+            "--samples", "4", "--batch", "4", "--alpha", "0.01", "--target-image", str(tmp_path / "near.npy"),
+            "--radius", "1e-3"]
+    out = run_json(argv, capsys)
+    assert out["k"] == 4 and out["xt_trigger"] is None
+    out = run_json(argv + ["--xt-trigger", str(tmp_path / "r.npy")], capsys)
+    den = load_denoiser(denoiser_dir)
+    schedule = ddim_schedule(noise_schedule_from_config(digits.SCHEDULER_CONFIG), STEPS)
+    x_T = jnp.asarray(predicates.initial_noise(den, 0)) + r
+    shifted = predicates.denoiser_sample_fn(den, x_T, jnp.asarray(predicates.class_condition(den, [3])), schedule)
+    distance = float(np.linalg.norm(np.asarray(jax.jit(shifted)(den.params)) - x0))
+    assert out["xt_trigger"] == str(tmp_path / "r.npy") and out["k"] == 0
+    assert out["clean_distance"] == pytest.approx(distance, rel=1e-4) and distance > 1e-2
+
+
 @pytest.mark.parametrize("extra, message", [
     ([], "exactly one of --target-class"),
     (["--target-class", "1", "--target-image", "x.npy", "--radius", "1"], "exactly one of --target-class"),
@@ -87,6 +108,7 @@ def test_cli_image_predicate_and_human_report(denoiser_dir, clean, tmp_path, cap
     (["--target-class", "12"], "not a class of the classifier"),
     (["--target-class", "1", "--condition", "3,10"], "outside the class-embedding table"),
     (["--target-image", "missing.npy", "--radius", "1"], "not a readable .npy"),
+    (["--target-class", "1", "--xt-trigger", "missing.npy"], "--xt-trigger 'missing.npy' is not a readable .npy"),
 ])
 def test_cli_denoiser_errors_are_one_line(denoiser_dir, extra, message, capsys):
     argv = ["cws", "--denoiser", str(denoiser_dir), "--condition", "3", "--sigma", "0.1", "--samples", "4"]

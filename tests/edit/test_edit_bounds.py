@@ -91,3 +91,22 @@ def test_bad_selections_are_clear_errors(setup):
         edit_bounds.edit_problem(enc, prompt, VALUE, "l3", concept_vectors=target)
     with pytest.raises(DiverifyError, match="matches no parameter"):
         edit_bounds.edit_problem(enc, prompt, "*nothing*", "fro", concept_vectors=target)
+
+
+def test_certify_edit_verdicts_state_their_reason(setup):
+    """A tiny ball is certified with the bound in its reason; a huge one is refuted by the
+    attack or left unknown, and says which (no bound: the engine's message)."""
+    enc, prompt, target = setup
+    tiny = edit_bounds.certify_edit(enc, prompt, VALUE, "rank1", 1e-6, ["t"], threshold=0.999,
+                                    concept_vectors=target)
+    (v,) = tiny.concepts
+    assert tiny.certified and v.status == "certified" and v.reason.startswith("cosine upper bound")
+    threshold = v.cosine_clean + 0.02
+    huge = edit_bounds.certify_edit(enc, prompt, VALUE, "fro", 1e3, ["t"], threshold=threshold,
+                                    concept_vectors=target)
+    (w,) = huge.concepts
+    assert not huge.certified and w.status in ("collision", "unknown")
+    if w.status == "collision":
+        assert "attack reached" in w.reason and w.witness["edit_norms"][0]["fro"] <= 1e3 * (1 + 1e-4)
+    else:
+        assert w.reason.startswith("no bound:") == (w.cosine_upper is None)
