@@ -343,11 +343,9 @@ def certify_edit(encoder, prompt: Prompt, pattern: str, ball: str, radius: float
     if timed is None:
         compile_seconds, seconds = 0.0, time.perf_counter() - t1
         upper = lower = np.full(len(concepts), np.nan)
-        bound_method = problem.bound_fn.method
     else:
         result, compile_seconds, seconds = timed
         upper, lower = np.asarray(result.output.upper), np.asarray(result.output.lower)
-        bound_method = result.method
     trace_seconds = t1 - t0
     clean = np.asarray(problem.weight_fn(*[jnp.zeros(s) for s in problem.shapes]))
     attack_vals = np.full(len(concepts), -np.inf)
@@ -364,7 +362,7 @@ def certify_edit(encoder, prompt: Prompt, pattern: str, ball: str, radius: float
                                        float(attack_vals[i]), witness, reason))
     return EditCertificate(
         model=encoder.name, prompt=prompt.text, tokens=list(prompt.tokens), params=list(problem.paths), ball=ball,
-        radius=float(radius), formulation=problem.formulation, method=bound_method, threshold=float(threshold),
+        radius=float(radius), formulation=problem.formulation, method=problem.bound_fn.method, threshold=float(threshold),
         certified=all(v.status == "certified" for v in verdicts), concepts=verdicts,
         edited_weights=int(sum(m * n for m, n in problem.shapes)),
         bound_coordinates=int(sum(int(np.prod(s.center.shape)) for s in sets)),

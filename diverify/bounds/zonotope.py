@@ -360,8 +360,9 @@ def propagate(graph: Graph, input_sets, fresh_errors: bool = True, refine=None):
         live.update(vid for vid in node.outputs if last_use.get(vid, -1) > idx)
         for vid, form, iv in zip(node.outputs, outs, outs_iv):
             # A cut: every other live value carries input symbols only.
-            cut = live <= {vid} | {w for w in live if w in forms and not _error_symbols(forms[w], blocks)}
-            if fresh_errors and cut and _error_symbols(form, blocks) > CUT_BUDGET:
+            quiet = {w for w in live if w in forms and not _error_symbols(forms[w], blocks)}
+            cut = fresh_errors and live <= {vid} | quiet
+            if cut and _error_symbols(form, blocks) > CUT_BUDGET:
                 form = _fresh(form, blocks, CUT_BUDGET)
             elif fresh_errors and (form.has_slack or _error_symbols(form, blocks) > SYMBOL_BUDGET):
                 form = _fresh(form, blocks)

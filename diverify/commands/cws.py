@@ -58,7 +58,7 @@ examples:
       --sigma 0.01 --samples 200 --steps 10 --json
   diverify cws --denoiser /tmp/digits --condition 3 --target-image target.npy --radius 2 \\
       --params "up_blocks*" --sigma 0.01 --samples 200
-  diverify cws --denoiser /tmp/xt/backdoored --condition 3 --xt-trigger /tmp/xt/trigger.npy \
+  diverify cws --denoiser /tmp/xt/backdoored --condition 3 --xt-trigger /tmp/xt/trigger.npy \\
       --target-class 7 --sigma 0.01 --samples 200
 """
 
