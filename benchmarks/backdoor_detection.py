@@ -6,8 +6,11 @@ and, with ``--denoiser``, the digits-denoiser fixtures (rows from
 
 - **DIS**: per held-out prompt, the text DIS of ``trigger:T`` and of ``random`` (matched size: one inserted
   token), ``--samples`` perturbations each; AUROC of trigger vs random scores over the prompts;
-- **certify** (``--certify``, CMAV): the l_inf ball ``--eps`` on the trigger's word embedding in a triggered
-  prompt against the target at cosine ``--threshold``: collision / certified / unknown;
+- **certify** (``--certify``, CMAV, method ``exhaustive``): the first word of ``"<trigger> prompt"`` may be
+  the trigger or any of ``--candidates`` random whole-word tokens (the same list for both models); the full
+  model is evaluated at every choice against the target at cosine ``--certify-threshold``: certified (no
+  token of the list reaches it) / collision (with the token). A hull bound (l_inf ball or the tokens'
+  convex hull) is vacuous through six layers, so the discrete, exact certificate is the one reported;
 - **CWS**: the smoothed-collision certificate for trigger -> target (``--sigma``, ``--cws-samples``);
 - **audit**: the weight audit (:func:`diverify.audit.report.audit_models`) of the model against MiniLM.
 
@@ -53,16 +56,23 @@ def dis_scores(encoder, prompts, trigger: str, samples: int, seed: int) -> tuple
     return trig, rand
 
 
-def certify_row(encoder, prompt: str, trigger: str, target: str, eps: float, threshold: float) -> dict:
+def certify_row(encoder, prompt: str, trigger: str, target: str, threshold: float, candidates: int, seed: int) -> dict:
+    """The exhaustive CMAV certificate on the whole model: the first word of ``"<w> prompt"`` may be
+    the trigger or any of ``candidates`` whole-word tokens drawn with ``seed`` (the same list for every
+    model); the answer is exact for that token list."""
     from diverify import cmav
+    from diverify.dis.text import control_words
 
-    triggered = f"{trigger} {prompt}"
-    p = cmav.make_prompt(encoder, triggered)
-    ball = cmav.embedding_ball(encoder, p, cmav.positions_of_words(encoder, p, [trigger]), eps)
-    cert = cmav.certify(encoder, p, ball, [target], threshold)
+    p = cmav.make_prompt(encoder, f"{trigger} {prompt}")
+    rng = np.random.default_rng(seed)
+    pool = [w for w in control_words(encoder) if w != trigger]
+    words = [str(w) for w in rng.choice(pool, size=candidates, replace=False)]
+    ids = [int(encoder.tokenize([w])[0][0][1]) for w in words]
+    s, table = cmav.substitution_set(encoder, p, {1: ids})
+    cert = cmav.certify(encoder, p, s, [target], threshold, method="exhaustive", table_ids=table)
     v = cert.concepts[0]
-    return {"status": v.status, "cosine_upper": v.cosine_upper, "cosine_clean": v.cosine_clean,
-            "seconds": cert.seconds + cert.compile_seconds}
+    return {"status": v.status, "combinations": cert.perturbation["combinations"], "threshold": threshold,
+            "highest_cosine": v.cosine_upper, "witness": v.witness, "reason": v.reason, "seconds": cert.seconds}
 
 
 def cws_row(encoder, prompt: str, trigger: str, target: str, threshold: float, sigma: float, samples: int) -> dict:
@@ -104,7 +114,7 @@ def text_rows(kind: str, args) -> list[dict]:
                "auroc": auroc(np.array(trig), np.array(rand)), "trigger_scores": trig, "random_scores": rand}
         if args.certify:
             row["certify"] = certify_row(encoder, prompts[0], summary["trigger"], summary["target"],
-                                         args.eps, args.threshold)
+                                         args.certify_threshold, args.candidates, args.seed)
         if args.cws_samples:
             row["cws"] = cws_row(encoder, prompts[0], summary["trigger"], summary["target"], args.threshold,
                                  args.sigma, args.cws_samples)
@@ -170,8 +180,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompts", type=int, default=40, help="held-out prompts for the AUROC")
     parser.add_argument("--samples", type=int, default=8, help="perturbations per prompt and DIS")
-    parser.add_argument("--certify", action="store_true", help="run CMAV certify (full MiniLM CROWN: slow)")
-    parser.add_argument("--eps", type=float, default=1e-4)
+    parser.add_argument("--certify", action="store_true",
+                        help="run the exhaustive CMAV certificate over the trigger and --candidates other first words")
+    parser.add_argument("--candidates", type=int, default=63, help="other first words in the certificate's token list")
+    parser.add_argument("--certify-threshold", type=float, default=0.8, dest="certify_threshold",
+                        help="collision threshold of the certificate (the fixtures' trigger-success cosine)")
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--cws-samples", type=int, default=0, dest="cws_samples")
     parser.add_argument("--sigma", type=float, default=1e-3)

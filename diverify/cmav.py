@@ -40,6 +40,12 @@ from diverify.specs import LpBall, Substitution, lp_ball, substitution
 
 Status = str  # "certified" | "collision" | "unknown"
 
+#: The ``exhaustive`` method (and the substitution attack) enumerate at most this many combinations.
+MAX_EXHAUSTIVE = 4096
+#: ``exhaustive`` certifies a concept only when every evaluated cosine stays this far below the
+#: threshold (float32 evaluations of one input in batches of different sizes differ by ~1e-7).
+EXHAUSTIVE_MARGIN = 1e-5
+
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
@@ -238,23 +244,37 @@ def pgd_max(fn, ball: LpBall, key, steps: int = 50, restarts: int = 4):
     return pgd_attack(fn, steps, restarts)(ball, key)
 
 
-def search_substitutions(fn, s: Substitution, table_ids, max_exhaustive: int = 4096):
-    """Best substitution (vertex) for each output: exhaustive when the product of
-    the lists is small, greedy coordinate ascent otherwise."""
-    sizes = [len(t) for t in table_ids]
-    n_pos = len(sizes)
+def _substitution_evaluator(fn, s: Substitution):
+    """``choices (N, P) -> fn`` at the substitution vertices those candidate indices pick, compiled."""
+    n_pos = len(np.asarray(s.positions))
 
     def point(choice):
         vecs = s.candidates[jnp.arange(n_pos), jnp.asarray(choice)]
         return s.base.at[..., s.positions, :].set(vecs)
 
-    evaluate = jax.jit(jax.vmap(lambda c: fn(point(c))))
-    total = int(np.prod(sizes))
-    if total <= max_exhaustive:
-        choices = np.array(list(itertools.product(*[range(n) for n in sizes])), dtype=np.int32)
-        vals = np.asarray(evaluate(jnp.asarray(choices)))  # (total, n_out)
+    return jax.jit(jax.vmap(lambda c: fn(point(c))))
+
+
+def all_substitutions(fn, s: Substitution, table_ids) -> tuple[np.ndarray, np.ndarray]:
+    """Every combination of the substitution lists (``choices``, shape ``(N, P)``) and
+    ``fn`` at each (``values``, shape ``(N, outputs)``), evaluated in chunks."""
+    sizes = [len(t) for t in table_ids]
+    choices = np.array(list(itertools.product(*[range(n) for n in sizes])), dtype=np.int32)
+    evaluate = _substitution_evaluator(fn, s)
+    values = np.concatenate([np.asarray(evaluate(jnp.asarray(choices[i:i + 256]))) for i in range(0, len(choices), 256)])
+    return choices, values
+
+
+def search_substitutions(fn, s: Substitution, table_ids, max_exhaustive: int = MAX_EXHAUSTIVE):
+    """Best substitution (vertex) for each output: exhaustive when the product of
+    the lists is small, greedy coordinate ascent otherwise."""
+    sizes = [len(t) for t in table_ids]
+    n_pos = len(sizes)
+    if int(np.prod(sizes)) <= max_exhaustive:
+        choices, vals = all_substitutions(fn, s, table_ids)
         best = vals.argmax(0)
         return vals.max(0), [choices[b] for b in best]
+    evaluate = _substitution_evaluator(fn, s)
     n_out = int(jax.eval_shape(fn, s.base).shape[0])
     results, picks = [], []
     for out in range(n_out):
@@ -332,7 +352,13 @@ def certify(encoder, prompt: Prompt, input_set, concepts: Sequence[str], thresho
     is certified: the attack runs and the engine's message is the reason of
     every concept it does not refute. ``seconds`` is then the failed bound's
     compilation and run time. ``precision``: the bound's arithmetic
-    (:func:`diverify.bounds.compile_bounds`)."""
+    (:func:`diverify.bounds.compile_bounds`).
+
+    ``method="exhaustive"`` (substitution sets only, at most
+    :data:`MAX_EXHAUSTIVE` combinations) evaluates every combination of the
+    token lists instead of bounding their convex hull: exact for the discrete
+    set, and the answer for long models whose hull bound is vacuous;
+    ``cosine_upper`` / ``cosine_lower`` are then the highest / lowest cosine seen."""
     if not -1.0 <= threshold <= 1.0:
         raise DiverifyError(f"threshold must be a cosine in [-1, 1], got {threshold}")
     if concept_vectors is None:
@@ -341,6 +367,8 @@ def certify(encoder, prompt: Prompt, input_set, concepts: Sequence[str], thresho
         targets = jnp.asarray(concept_vectors, jnp.float32)
         targets = targets / jnp.linalg.norm(targets, axis=-1, keepdims=True)
     fn = cosine_function(encoder, prompt, targets)
+    if method == "exhaustive":
+        return _certify_exhaustive(encoder, prompt, fn, input_set, concepts, threshold, table_ids)
     t0 = time.perf_counter()
     bf = compile_bounds(fn, input_set, method=method, precision=precision)
     trace_seconds = time.perf_counter() - t0
@@ -389,6 +417,45 @@ def certify(encoder, prompt: Prompt, input_set, concepts: Sequence[str], thresho
         seconds=bound_seconds,
         compile_seconds=trace_seconds + compile_seconds,
     )
+
+
+def _certify_exhaustive(encoder, prompt: Prompt, fn, s, concepts, threshold: float, table_ids) -> Certificate:
+    """The ``exhaustive`` method: evaluate the model at every combination of a
+    substitution set's tokens. Exact for the discrete set (the token lists),
+    which is the threat of a trigger word; it says nothing of the convex hull
+    that the bound methods cover."""
+    if not isinstance(s, Substitution) or table_ids is None:
+        raise DiverifyError("method 'exhaustive' enumerates a substitution set (token lists); an l_p ball is "
+                            "infinite: use a bound method such as crown")
+    total = int(np.prod([len(t) for t in table_ids]))
+    if total > MAX_EXHAUSTIVE:
+        raise DiverifyError(f"{total} substitution combinations exceed the exhaustive method's limit of "
+                            f"{MAX_EXHAUSTIVE}: shorten the lists, or use a bound method (it covers their convex hull)")
+    t0 = time.perf_counter()
+    choices, values = all_substitutions(fn, s, table_ids)
+    seconds = time.perf_counter() - t0
+    clean = np.asarray(fn(_clean_point(s)))
+    verdicts = []
+    for i, c in enumerate(concepts):
+        k = int(values[:, i].argmax())
+        best, low = float(values[k, i]), float(values[:, i].min())
+        witness = {"substitution": {int(p): int(table_ids[j][int(choices[k, j])])
+                                    for j, p in enumerate(np.asarray(s.positions))}}
+        if best >= threshold:
+            status, reason = "collision", f"substitution {witness['substitution']} reaches cosine {best:.6g} >= threshold {threshold:.6g}"
+        elif best < threshold - EXHAUSTIVE_MARGIN:
+            status, reason = "certified", (f"all {total} substitutions evaluated: the highest cosine {best:.6g} < threshold "
+                                           f"{threshold:.6g} (exact for these tokens, not their convex hull)")
+        else:
+            status, reason = "unknown", (f"all {total} substitutions evaluated: the highest cosine {best:.6g} is within "
+                                         f"float32 rounding ({EXHAUSTIVE_MARGIN:g}) of the threshold {threshold:.6g}")
+        verdicts.append(ConceptVerdict(c, status, best, low, float(clean[i]), best,
+                                       witness if status == "collision" else None, reason))
+    return Certificate(
+        model=encoder.name, prompt=prompt.text, ids=[int(i) for i in prompt.ids[0]], tokens=list(prompt.tokens),
+        perturbation={**describe_set(s), "combinations": total}, method="exhaustive", intermediate_method="none",
+        threshold=float(threshold), certified=all(v.status == "certified" for v in verdicts), precision="float32",
+        concepts=verdicts, seconds=seconds, compile_seconds=0.0)
 
 
 def concept_verdict(upper: float, attacked: float, threshold: float, attack: bool, bound_error: str | None):

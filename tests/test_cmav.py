@@ -59,6 +59,41 @@ def test_substitution_search_finds_the_best_vertex(encoder):
     assert float(best[0]) == pytest.approx(brute, abs=1e-6)
 
 
+def test_exhaustive_certificate_is_the_brute_force_maximum_over_the_token_lists(encoder):
+    prompt = cmav.make_prompt(encoder, ids=IDS)
+    s, table = cmav.substitution_set(encoder, prompt, {1: [13, 17], 3: [19, 23, 29]})
+    targets = jax.random.normal(jax.random.PRNGKey(4), (2, encoder.embedding_dim))
+    fn = cmav.cosine_function(encoder, prompt, targets / jnp.linalg.norm(targets, axis=-1, keepdims=True))
+    brute = {(a, b): [float(x) for x in fn(encoder.word_embeddings(jnp.asarray([[IDS[0], a, IDS[2], b, IDS[4]]])))]
+             for a in table[0] for b in table[1]}
+    assert len(brute) == 3 * 4  # the original tokens are in the lists too
+    for k in range(2):
+        best = max(brute, key=lambda ab: brute[ab][k])
+        high, low = brute[best][k], min(v[k] for v in brute.values())
+        above = cmav.certify(encoder, prompt, s, ["a", "b"], high + 1e-3, method="exhaustive", table_ids=table,
+                             concept_vectors=targets).concepts[k]
+        assert above.status == "certified" and "all 12 substitutions" in above.reason
+        assert above.cosine_upper == pytest.approx(high, abs=1e-6) and above.cosine_lower == pytest.approx(low, abs=1e-6)
+        at = cmav.certify(encoder, prompt, s, ["a", "b"], high - 1e-4, method="exhaustive", table_ids=table,
+                          concept_vectors=targets).concepts[k]
+        assert at.status == "collision" and at.witness == {"substitution": {1: best[0], 3: best[1]}}
+        close = cmav.certify(encoder, prompt, s, ["a", "b"], high + 1e-6, method="exhaustive", table_ids=table,
+                             concept_vectors=targets).concepts[k]
+        assert close.status == "unknown" and "rounding" in close.reason
+
+
+def test_exhaustive_refuses_balls_and_oversized_lists(encoder, monkeypatch):
+    prompt = cmav.make_prompt(encoder, ids=IDS)
+    target = jax.random.normal(jax.random.PRNGKey(0), (1, encoder.embedding_dim))
+    ball = cmav.embedding_ball(encoder, prompt, [2], 1e-3)
+    with pytest.raises(DiverifyError, match="an l_p ball is infinite"):
+        cmav.certify(encoder, prompt, ball, ["a"], 0.5, method="exhaustive", concept_vectors=target)
+    s, table = cmav.substitution_set(encoder, prompt, {1: [13, 17], 3: [19, 23, 29]})
+    monkeypatch.setattr(cmav, "MAX_EXHAUSTIVE", 11)
+    with pytest.raises(DiverifyError, match="12 substitution combinations exceed"):
+        cmav.certify(encoder, prompt, s, ["a"], 0.5, method="exhaustive", table_ids=table, concept_vectors=target)
+
+
 def test_a_bound_that_cannot_be_computed_is_unknown_or_a_collision_never_certified(encoder):
     """At eps 1 the IBP LayerNorm variance bound reaches 0: the concepts are unknown with the
     engine's reason, the attack still runs, and a collision it finds is reported with its witness."""

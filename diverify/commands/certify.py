@@ -12,6 +12,8 @@ examples:
   diverify certify --prompt "a photo of a cat" --positions 4 --eps 1e-3 --restricted "a photo of a dog" --threshold 0.8
   diverify certify --prompt "a photo of a cat" --substitutions cat=dog,kitten,puppy --restricted "a gun" --threshold 0.5
   diverify certify --prompt "a photo of a cat" --words cat --eps 0.05 --norm 2 --restricted "violence" --threshold 0.6 --json
+  diverify certify --prompt "a photo of a cat" --substitutions cat=cf,mn,bb --method exhaustive \\
+      --restricted "a photo of a gun" --threshold 0.8
 
 Each restricted concept gets one answer: certified (a sound upper bound on the
 cosine over the whole set is below the threshold), collision (an attack found a
@@ -19,6 +21,11 @@ point of the set whose cosine reaches the threshold; the witness is printed), or
 unknown (neither), each with its reason. A bound the method cannot compute on the
 set (too large a perturbation, e.g. a LayerNorm variance bound reaching 0) is no
 error: the concepts are unknown with the engine's message, and the attack still runs.
+
+--method exhaustive (with --substitutions only) evaluates the model at every
+combination of the token lists (at most 4096) instead of bounding their convex
+hull: an exact answer for those tokens (e.g. candidate trigger words) on the
+full model, where a hull bound of six layers is vacuous.
 """
 
 
@@ -34,7 +41,8 @@ def register(subparsers) -> None:
     common.add_ball_options(parser)
     common.add_precision_option(parser)
     parser.add_argument("--substitutions", nargs="+", metavar="W=a,b,c",
-                        help="substitution set: word W of the prompt may become any of a, b, c (its hull)")
+                        help="substitution set: word W of the prompt may become any of a, b, c (bound methods: "
+                             "their convex hull; --method exhaustive: exactly these tokens)")
     parser.add_argument("--restricted", nargs="+", required=True, metavar="TEXT", help="restricted concepts")
     parser.add_argument("--threshold", type=float, required=True, metavar="TAU",
                         help="collision threshold on the cosine similarity")
