@@ -62,3 +62,20 @@ def test_certify_reports_unknown_with_the_reason_when_the_bound_cannot_be_comput
     assert res.returncode == 0, res.stderr[-1000:]
     assert "reason: no bound: cannot bound" in res.stdout and "witness: a perturbation" in res.stdout
     assert "NOT CERTIFIED" in res.stdout
+
+
+def test_certify_exhaustive_on_the_full_model_finds_the_substituted_concept_and_refuses_a_ball():
+    """Six-layer MiniLM: "cat" may become "dog" or "cf"; against "a photo of a dog" the substitution
+    "dog" reproduces the concept exactly (a collision with that token as the witness)."""
+    base = ["certify", "--prompt", "a photo of a cat", "--restricted", "a photo of a dog", "--threshold", "0.8",
+            "--method", "exhaustive"]
+    res = run(*base, "--substitutions", "cat=dog,cf", "--json")
+    assert res.returncode == 0, res.stderr[-1000:]
+    out = json.loads(res.stdout)
+    (dog,) = out["concepts"]
+    assert out["method"] == "exhaustive" and out["perturbation"]["combinations"] == 3  # cat, dog, cf
+    assert dog["status"] == "collision" and dog["cosine_upper"] == pytest.approx(1.0, abs=1e-5)
+    assert list(dog["witness"]["substitution"].items()) == [("5", 3899)]  # "dog"
+    res = run(*base, "--positions", "5", "--eps", "1e-3")
+    assert res.returncode == 2 and "an l_p ball is infinite" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
