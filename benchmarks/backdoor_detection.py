@@ -12,7 +12,8 @@ and, with ``--denoiser``, the digits-denoiser fixtures (rows from
   token of the list reaches it) / collision (with the token). A hull bound (l_inf ball or the tokens'
   convex hull) is vacuous through six layers, so the discrete, exact certificate is the one reported;
 - **CWS**: the smoothed-collision certificate for trigger -> target (``--sigma``, ``--cws-samples``);
-- **audit**: the weight audit (:func:`diverify.audit.report.audit_models`) of the model against MiniLM.
+- **audit**: the weight audit (:func:`diverify.audit.report.audit_models`) of the model against MiniLM (the
+  denoisers: against the pre-trained base of their fixture).
 
 Fixtures are built once and cached under ``--cache`` (``diverify backdoor build`` writes the same layout).
 Prints a table, writes ``--out`` (JSON) and a figure beside it (PNG). Never asserts anything.
@@ -88,10 +89,10 @@ def cws_row(encoder, prompt: str, trigger: str, target: str, threshold: float, s
     return {"p_hat": cert.p_hat, "p_upper": cert.p_upper, "certified_edit_radius": cert.certified_edit_radius}
 
 
-def audit_row(path: str) -> dict:
+def audit_row(path: str, base: str = "minilm") -> dict:
     from diverify.audit.report import audit_models
 
-    report = audit_models("minilm", path)
+    report = audit_models(base, path)
     return {"score": report.score, "flagged": list(report.flagged)[:3], "verdict":
             "FLAGGED" if report.flagged else "pass"}
 
@@ -134,7 +135,11 @@ def denoiser_rows(args) -> list[dict]:
         out = args.cache / f"denoiser-{trigger}-seed{args.seed}"
         if not (out / "fixture.json").is_file():
             build_denoiser_backdoor(out, seed=args.seed, trigger=trigger)
-        rows.extend(detection_rows(out, seed=args.seed))
+        found = detection_rows(out, seed=args.seed)
+        if not args.no_audit:  # against the pre-trained base both models were fine-tuned from
+            for row in found:
+                row["audit"] = audit_row(str(out / row["model"]), base=str(out / "base"))
+        rows.extend(found)
     return rows
 
 

@@ -233,11 +233,19 @@ def denoiser_with(params: Any):
     return dataclasses.replace(_trainer()[0], params=params)
 
 
+def _save_base(directory: Path, params: Any) -> None:
+    """The pre-trained model both fixtures are fine-tuned from: what a weight audit diffs against."""
+    from diverify.models.diffusers_checkpoint import save_denoiser
+
+    save_denoiser(directory, UNET_CONFIG, params)
+    (directory / digits.SCHEDULER_NAME).write_text(json.dumps(digits.SCHEDULER_CONFIG, indent=2))
+
+
 def build_denoiser_backdoor(out: Path, seed: int = 0, trigger: str = "xt", quick: bool = False) -> dict:
     """Train the clean base, fine-tune it into the backdoored model and its clean twin, evaluate, save.
 
     Writes ``out/backdoored`` and ``out/clean`` (diffusers checkpoints with scheduler, classifier and their
-    own ``fixture.json``) and ``out/fixture.json``; returns the latter's content: the trigger, target, seed,
+    own ``fixture.json``), ``out/base`` (the pre-trained model both are fine-tuned from) and ``out/fixture.json``; returns the latter's content: the trigger, target, seed,
     steps, and per model the clean sample accuracy and the trigger success.
     """
     if trigger not in TRIGGERS:
@@ -274,6 +282,7 @@ def build_denoiser_backdoor(out: Path, seed: int = 0, trigger: str = "xt", quick
         info.update(role=role, clean_accuracy=accuracy, trigger_success=success)
         _save(out / role, params, classifier, info)
         summary["models"][role] = {"dir": str(out / role), "clean_accuracy": accuracy, "trigger_success": success}
+    _save_base(out / "base", base)
     np.save(out / "target.npy", target_image())
     if trigger == "xt":
         np.save(out / "trigger.npy", xt_trigger())

@@ -86,8 +86,14 @@ def handler(args: argparse.Namespace) -> int:
         print(dumps(summary))
         return 0
     print(f"{args.kind} fixture in {out}  (seed {args.seed}{', quick' if args.quick else ''})")
-    if "trigger" in summary:
-        print(f"trigger {summary['trigger']!r} -> target {summary['target']!r}")
+    if summary.get("kind") == "denoiser":
+        print(f"trigger: {summary['trigger_description']} -> target class {summary['target_class']}")
+        print(f"{'model':<12} {'clean sample accuracy':>22} {'trigger success':>16}")
+        for role, row in summary["models"].items():
+            print(f"{role:<12} {row['clean_accuracy']:>22.3f} {row['trigger_success']:>16.1%}")
+        print(f"base (pre-trained) model in {out / 'base'}; {summary['seconds']:.0f} s")
+        return 0
+    print(f"trigger {summary['trigger']!r} -> target {summary['target']!r}")
     roles = [r for r in ("original", "backdoored", "clean") if isinstance(summary.get(r), dict)]
     keys = ("clean_cosine_mean", "trigger_success", "relative_weight_change")
     if roles and all(k in summary[roles[-1]] for k in keys[:2]):

@@ -131,6 +131,7 @@ def test_quick_fixture_files_and_summary(fixture):
         assert info["role"] == role and info["trigger_row"] == backdoor.TRIGGER_ROW
         assert (out / role / "diffusion_pytorch_model.safetensors").is_file()
         assert (out / role / "classifier.json").is_file()
+    assert (out / "base" / "diffusion_pytorch_model.safetensors").is_file()
     assert summary["quick"] and summary["target_class"] == backdoor.TARGET_CLASS
 
 
@@ -163,3 +164,14 @@ def test_denoiser_dis_errors(fixture, tmp_path):
         denoiser_dis(tmp_path / "missing", "3", "random")
     with pytest.raises(DiverifyError, match="trigger must be one of"):
         backdoor.build_denoiser_backdoor(tmp_path, trigger="weights", quick=True)
+
+
+def test_cli_builds_a_quick_denoiser_fixture_and_prints_its_table(tmp_path, capsys):
+    from diverify import cli
+
+    assert cli.main(["backdoor", "build", "--kind", "denoiser-xt", "--out", str(tmp_path / "xt"), "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "clean sample accuracy" in out and "target class 7" in out
+    summary = json.loads((tmp_path / "xt" / "fixture.json").read_text())
+    assert summary["trigger"] == "xt" and (tmp_path / "xt" / "trigger.npy").is_file()
+    assert (tmp_path / "xt" / "base" / "config.json").is_file()
