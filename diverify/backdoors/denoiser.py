@@ -245,8 +245,9 @@ def build_denoiser_backdoor(out: Path, seed: int = 0, trigger: str = "xt", quick
     """Train the clean base, fine-tune it into the backdoored model and its clean twin, evaluate, save.
 
     Writes ``out/backdoored`` and ``out/clean`` (diffusers checkpoints with scheduler, classifier and their
-    own ``fixture.json``), ``out/base`` (the pre-trained model both are fine-tuned from) and ``out/fixture.json``; returns the latter's content: the trigger, target, seed,
-    steps, and per model the clean sample accuracy and the trigger success.
+    own ``fixture.json``), ``out/base`` (the pre-trained model both are fine-tuned from) and
+    ``out/fixture.json``; returns the latter's content: the trigger, target, seed, steps, and per model the
+    clean sample accuracy and the trigger success.
     """
     if trigger not in TRIGGERS:
         raise DiverifyError(f"trigger must be one of {', '.join(TRIGGERS)}, got {trigger!r}")
