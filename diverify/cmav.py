@@ -265,6 +265,11 @@ def all_substitutions(fn, s: Substitution, table_ids) -> tuple[np.ndarray, np.nd
     return choices, values
 
 
+def _substitution_witness(s: Substitution, table_ids, choice) -> dict:
+    """``{"substitution": {position: token id}}`` for one choice of candidate indices."""
+    return {"substitution": {int(p): int(table_ids[j][int(choice[j])]) for j, p in enumerate(np.asarray(s.positions))}}
+
+
 def search_substitutions(fn, s: Substitution, table_ids, max_exhaustive: int = MAX_EXHAUSTIVE):
     """Best substitution (vertex) for each output: exhaustive when the product of
     the lists is small, greedy coordinate ascent otherwise."""
@@ -387,8 +392,7 @@ def certify(encoder, prompt: Prompt, input_set, concepts: Sequence[str], thresho
         if isinstance(input_set, Substitution):
             vals, picks = search_substitutions(fn, input_set, table_ids)
             attack_vals = np.asarray(vals)
-            for i, c in enumerate(picks):
-                witnesses[i] = {"substitution": {int(p): int(table_ids[j][int(c[j])]) for j, p in enumerate(np.asarray(input_set.positions))}}
+            witnesses = [_substitution_witness(input_set, table_ids, c) for c in picks]
         else:
             vals, xs = pgd_max(fn, input_set, jax.random.PRNGKey(seed))
             attack_vals = np.asarray(vals)
@@ -434,13 +438,12 @@ def _certify_exhaustive(encoder, prompt: Prompt, fn, s, concepts, threshold: flo
     t0 = time.perf_counter()
     choices, values = all_substitutions(fn, s, table_ids)
     seconds = time.perf_counter() - t0
-    clean = np.asarray(fn(_clean_point(s)))
+    clean = values[0]  # choice (0, ..., 0): the prompt's own tokens
     verdicts = []
     for i, c in enumerate(concepts):
         k = int(values[:, i].argmax())
         best, low = float(values[k, i]), float(values[:, i].min())
-        witness = {"substitution": {int(p): int(table_ids[j][int(choices[k, j])])
-                                    for j, p in enumerate(np.asarray(s.positions))}}
+        witness = _substitution_witness(s, table_ids, choices[k])
         if best >= threshold:
             status, reason = "collision", f"substitution {witness['substitution']} reaches cosine {best:.6g} >= threshold {threshold:.6g}"
         elif best < threshold - EXHAUSTIVE_MARGIN:
