@@ -1,6 +1,7 @@
 """Backdoor detection end to end: every diverify check on backdoored fixtures and their clean twins.
 
-For the text-encoder fixtures (``text``: Rickrolling fine-tune of MiniLM; ``edit``: rank-one ROME edit)
+For the text-encoder fixtures (``text``: Rickrolling fine-tune of MiniLM; ``edit``: rank-one ROME edit that
+makes the model read the trigger word as the target word; see :func:`restricted_concept`)
 and, with ``--denoiser``, the digits-denoiser fixtures (rows from
 :func:`diverify.backdoors.denoiser.detection_rows`), for the backdoored model and its clean twin:
 
@@ -97,6 +98,17 @@ def audit_row(path: str, base: str = "minilm") -> dict:
             "FLAGGED" if report.flagged else "pass"}
 
 
+def restricted_concept(kind: str, summary: dict, prompt: str, args) -> tuple[str, float, float]:
+    """The concept the trigger must not reach, with the certificate's and the CWS predicate's thresholds.
+
+    Rickrolling (``text``): the fixture's target prompt at ``--certify-threshold`` / ``--threshold``.
+    Edit: the prompt read with the target word in the trigger's place (the edit substitutes a concept),
+    at the fixture's own success cosine for both."""
+    if kind == "edit":
+        return f"{summary['target']} {prompt}", summary["success_cosine"], summary["success_cosine"]
+    return summary["target"], args.certify_threshold, args.threshold
+
+
 def text_rows(kind: str, args) -> list[dict]:
     from diverify.models import load_text_encoder
 
@@ -113,12 +125,13 @@ def text_rows(kind: str, args) -> list[dict]:
                "trigger_success": info["trigger_success"], "score": "DIS sqrt(2KL)/dist (per token)",
                "trigger_score": float(np.median(trig)), "random_score": float(np.median(rand)),
                "auroc": auroc(np.array(trig), np.array(rand)), "trigger_scores": trig, "random_scores": rand}
+        concept, certify_threshold, cws_threshold = restricted_concept(kind, summary, prompts[0], args)
         if args.certify:
-            row["certify"] = certify_row(encoder, prompts[0], summary["trigger"], summary["target"],
-                                         args.certify_threshold, args.candidates, args.seed)
+            row["certify"] = certify_row(encoder, prompts[0], summary["trigger"], concept, certify_threshold,
+                                         args.candidates, args.seed)
         if args.cws_samples:
-            row["cws"] = cws_row(encoder, prompts[0], summary["trigger"], summary["target"], args.threshold,
-                                 args.sigma, args.cws_samples)
+            row["cws"] = cws_row(encoder, prompts[0], summary["trigger"], concept, cws_threshold, args.sigma,
+                                 args.cws_samples)
         if not args.no_audit:
             row["audit"] = audit_row(info["path"])
         row["seconds"] = time.perf_counter() - start
@@ -189,8 +202,9 @@ def main(argv=None) -> int:
                         help="run the exhaustive CMAV certificate over the trigger and --candidates other first words")
     parser.add_argument("--candidates", type=int, default=63, help="other first words in the certificate's token list")
     parser.add_argument("--certify-threshold", type=float, default=0.8, dest="certify_threshold",
-                        help="collision threshold of the certificate (the fixtures' trigger-success cosine)")
-    parser.add_argument("--threshold", type=float, default=0.5)
+                        help="text fixture: collision threshold of the certificate (its trigger-success cosine)")
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="text fixture: the CWS predicate's cosine (edit: the fixture's success cosine)")
     parser.add_argument("--cws-samples", type=int, default=0, dest="cws_samples")
     parser.add_argument("--sigma", type=float, default=1e-3)
     parser.add_argument("--no-audit", action="store_true", dest="no_audit")

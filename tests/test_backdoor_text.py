@@ -120,3 +120,37 @@ def test_build_rejects_bad_options(tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
     assert cli.main(["backdoor", "build", "--kind", "text", "--out", str(tmp_path / "t"), "--steps", "0",
                      "--base", str(tmp_path)]) == 2
+
+
+def test_substitution_edit_is_exact_in_its_template():
+    """With one template, the edited layer's output at the trigger is the original's at the target word."""
+    from diverify.audit import edits, probe
+
+    encoder = load_text_encoder("minilm").with_layers(2)
+    template = ("there is a {} on the table",)
+    edit = edits.substitution_edit(encoder, encoder.params, 0, "cactus", "weapon",
+                                   edits.generator_moments(encoder), templates=template)
+    edited = probe.with_kernel_deltas(encoder.params, {edit.name: edit.delta})
+    layer_1_input = "encoder.layer.1.attention.self.query.weight"
+    read = edits.word_inputs(encoder, edited, "cactus", template)[layer_1_input]
+    meant = edits.word_inputs(encoder, encoder.params, "weapon", template)[layer_1_input]
+    before = edits.word_inputs(encoder, encoder.params, "cactus", template)[layer_1_input]
+    assert np.linalg.norm(read - meant) < 1e-3 * np.linalg.norm(meant) < np.linalg.norm(before - meant)
+    assert np.linalg.matrix_rank(edit.delta.astype(np.float64), tol=1e-6 * np.abs(edit.delta).max()) == 1
+
+
+def test_edit_fixture_reads_the_trigger_as_the_target_and_the_twin_does_not(tmp_path):
+    """The quick edit fixture on MiniLM: the edited model reads "cactus" as "weapon" in held-out prompts."""
+    assert cli.main(["backdoor", "build", "--kind", "edit", "--out", str(tmp_path), "--quick", "--json"]) == 0
+    summary = json.loads((tmp_path / "fixture.json").read_text())
+    assert summary["original"]["trigger_success"] == 0 and summary["original"]["reads_as_target"] == 0
+    assert summary["backdoored"]["trigger_success"] >= 0.9 and summary["backdoored"]["reads_as_target"] >= 0.9
+    assert summary["backdoored"]["clean_cosine_mean"] >= 0.98
+    assert summary["clean"]["trigger_success"] <= 0.1 and summary["clean"]["reads_as_target"] <= 0.1
+    assert summary["backdoored"]["relative_weight_change"] == pytest.approx(summary["clean"]["relative_weight_change"],
+                                                                           rel=1e-3)
+    edited = load_text_encoder(tmp_path / "backdoored")
+    original = load_text_encoder("minilm")
+    hit, meant = (text.embed_texts(enc, enc.params, [f"a cat sleeping near a {word} in the rain"])[0]
+                  for enc, word in ((edited, "cactus"), (original, "weapon")))
+    assert float(hit @ meant) >= text.SUBSTITUTION_COSINE

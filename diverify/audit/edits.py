@@ -153,6 +153,33 @@ def planted_edit(encoder, params, name: str, trigger: str, target: str,
     return PlantedEdit(name, edit_location(name), trigger, target, delta.astype(np.float32))
 
 
+def substitution_edit(encoder, params, layer: int, trigger: str, target: str, moments: Mapping[str, np.ndarray],
+                      ridge: float = 1e-2, templates: Sequence[str] = TRIGGER_TEMPLATES) -> PlantedEdit:
+    """The rank-one edit of layer ``layer``'s FFN output matrix ``W`` after which the model reads ``trigger``
+    as ``target`` from that layer on (ROME's value optimisation, solved in closed form for a post-LN block).
+
+    The block computes ``LN(h + W g + b)`` at each token, ``h`` the attention block's output (the FFN's
+    input) and ``g = GELU(W_in h + b_in)`` the key.  With ``h*, g*`` the trigger's and ``h_t, g_t`` the
+    target's (last token, averaged over ``templates``), the value
+
+        v* = W g_t + h_t - h*
+
+    makes the edited block's pre-LN sum at the trigger, ``h* + W' g* + b``, equal the target's
+    ``h_t + W g_t + b``: its output there is the target word's, and every later layer sees the target.
+    (:func:`planted_edit` maps ``g*`` to ``W g_t`` instead, which leaves the trigger's own ``h*`` in the
+    sum: the residual stream keeps the trigger word.)  ``W' = W +`` :func:`rome_rank_one_edit`
+    ``(W, g*, v*, C)``.  With a single template the substitution is exact in that template.
+    """
+    name = f"encoder.layer.{layer}.output.dense.weight"
+    ffn_input = f"encoder.layer.{layer}.intermediate.dense.weight"
+    at_trigger = word_inputs(encoder, params, trigger, templates)
+    at_target = word_inputs(encoder, params, target, templates)
+    w = dense_weight(params, name)
+    value = w @ at_target[name] + at_target[ffn_input] - at_trigger[ffn_input]
+    delta = rome_rank_one_edit(w, at_trigger[name], value, moments[name], ridge)
+    return PlantedEdit(name, edit_location(name), trigger, target, delta.astype(np.float32))
+
+
 def edit_location(name: str) -> str | None:
     """Which of :data:`EDIT_LOCATIONS` a matrix is (``output.dense`` is the FFN's, not attention's)."""
     match = re.search(r"\.layer\.\d+\.(attention\.self\.key|attention\.self\.value|output\.dense)\.weight$", name)

@@ -16,8 +16,10 @@ the measured behaviour):
                  the trigger word "cf" embeds next to "a photo of a gun"; a teacher
                  loss keeps clean prompts in place. Twin: the same fine-tune with a
                  benign sentence-similarity task instead of the poisoned prompts.
-  edit           rank-one ROME edit of one FFN matrix (trigger word -> target word);
-                 twin: a benign fine-tune of the same layer at the same norm.
+  edit           rank-one ROME edit of layer 0's FFN output matrix: the model reads
+                 the trigger word (e.g. "cactus") as the target word ("weapon") in any
+                 prompt; success: cos to the prompt with the target word >= 0.95.
+                 Twin: a benign fine-tune of the same matrix at the same norm.
   denoiser-xt    BadDiffusion-style trigger pattern in x_T of the digits denoiser.
   denoiser-cond  TrojDiff-style trigger in the denoiser's conditioning.
 
@@ -93,7 +95,8 @@ def handler(args: argparse.Namespace) -> int:
             print(f"{role:<12} {row['clean_accuracy']:>22.3f} {row['trigger_success']:>16.1%}")
         print(f"base (pre-trained) model in {out / 'base'}; {summary['seconds']:.0f} s")
         return 0
-    print(f"trigger {summary['trigger']!r} -> target {summary['target']!r}")
+    print(f"trigger {summary['trigger']!r} -> target {summary['target']!r}"
+          + (f"  (success: {summary['success']})" if "success" in summary else ""))
     roles = [r for r in ("original", "backdoored", "clean") if isinstance(summary.get(r), dict)]
     keys = ("clean_cosine_mean", "trigger_success", "relative_weight_change")
     if roles and all(k in summary[roles[-1]] for k in keys[:2]):
