@@ -12,6 +12,8 @@ and, with ``--denoiser``, the digits-denoiser fixtures (rows from
   model is evaluated at every choice against the target at cosine ``--certify-threshold``: certified (no
   token of the list reaches it) / collision (with the token). A hull bound (l_inf ball or the tokens'
   convex hull) is vacuous through six layers, so the discrete, exact certificate is the one reported;
+- **ball** (``--ball-eps``, edit fixture only): the same question for an l_inf ball on the trigger's word
+  embedding, bounded by the engine on the encoder truncated to ``--ball-layers`` layers;
 - **CWS**: the smoothed-collision certificate for trigger -> target (``--sigma``, ``--cws-samples``);
 - **audit**: the weight audit (:func:`diverify.audit.report.audit_models`) of the model against MiniLM (the
   denoisers: against the pre-trained base of their fixture).
@@ -77,6 +79,21 @@ def certify_row(encoder, prompt: str, trigger: str, target: str, threshold: floa
             "highest_cosine": v.cosine_upper, "witness": v.witness, "reason": v.reason, "seconds": cert.seconds}
 
 
+def ball_row(encoder, prompt: str, trigger: str, concept: str, eps: float, threshold: float, layers: int) -> dict:
+    """The l_inf-ball CMAV certificate (crown-zonotope) around the trigger's word embedding, first word of
+    ``"<trigger> prompt"``, on the encoder truncated to ``layers`` layers (a ball bound through all six is
+    vacuous, issue 3; the edit fixture's backdoor lives in layer 0, so a truncation keeps it)."""
+    from diverify import cmav
+
+    short = encoder.with_layers(layers)
+    p = cmav.make_prompt(short, f"{trigger} {prompt}")
+    cert = cmav.certify(short, p, cmav.embedding_ball(short, p, [1], eps), [concept], threshold,
+                        method="crown-zonotope")
+    v = cert.concepts[0]
+    return {"status": v.status, "eps": eps, "layers": layers, "threshold": threshold,
+            "cosine_upper": v.cosine_upper, "reason": v.reason, "seconds": cert.seconds}
+
+
 def cws_row(encoder, prompt: str, trigger: str, target: str, threshold: float, sigma: float, samples: int) -> dict:
     from diverify.cws import predicates, sampling
     from diverify.cws.certificate import certify_smoothed_predicate
@@ -129,6 +146,9 @@ def text_rows(kind: str, args) -> list[dict]:
         if args.certify:
             row["certify"] = certify_row(encoder, prompts[0], summary["trigger"], concept, certify_threshold,
                                          args.candidates, args.seed)
+        if args.ball_eps and kind == "edit":
+            row["ball"] = ball_row(encoder, prompts[0], summary["trigger"], concept, args.ball_eps,
+                                   args.ball_threshold, args.ball_layers)
         if args.cws_samples:
             row["cws"] = cws_row(encoder, prompts[0], summary["trigger"], concept, cws_threshold, args.sigma,
                                  args.cws_samples)
@@ -158,16 +178,17 @@ def denoiser_rows(args) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     print(f"{'fixture':<14} {'model':<11} {'clean cos/acc':>13} {'trig. succ.':>11} {'DIS trig':>9} "
-          f"{'DIS rand':>9} {'AUROC':>6} {'certify':>10} {'CWS p_up':>9} {'CWS R':>8} {'audit':>8}")
+          f"{'DIS rand':>9} {'AUROC':>6} {'certify':>10} {'ball':>10} {'CWS p_up':>9} {'CWS R':>8} {'audit':>8}")
     for r in rows:
         clean = r.get("clean_cosine", r.get("clean_accuracy"))
         cert = r.get("certify", {}).get("status", "-")
+        ball = r.get("ball", {}).get("status", "-")
         cws = r.get("cws", {})
         audit = r.get("audit", {}).get("verdict", "-")
         p_up = f"{cws['p_upper']:.3f}" if cws else "-"
         radius = f"{cws['certified_edit_radius']:.4f}" if cws else "-"
         print(f"{r['fixture']:<14} {r['model']:<11} {clean:>13.4f} {r['trigger_success']:>11.1%} "
-              f"{r['trigger_score']:>9.4f} {r['random_score']:>9.4f} {r['auroc']:>6.3f} {cert:>10} "
+              f"{r['trigger_score']:>9.4f} {r['random_score']:>9.4f} {r['auroc']:>6.3f} {cert:>10} {ball:>10} "
               f"{p_up:>9} {radius:>8} {audit:>8}")
 
 
@@ -203,6 +224,11 @@ def main(argv=None) -> int:
     parser.add_argument("--candidates", type=int, default=63, help="other first words in the certificate's token list")
     parser.add_argument("--certify-threshold", type=float, default=0.8, dest="certify_threshold",
                         help="text fixture: collision threshold of the certificate (its trigger-success cosine)")
+    parser.add_argument("--ball-eps", type=float, default=0.0, dest="ball_eps",
+                        help="edit fixture: also certify an l_inf ball of this radius on the trigger's embedding")
+    parser.add_argument("--ball-threshold", type=float, default=0.98, dest="ball_threshold")
+    parser.add_argument("--ball-layers", type=int, default=1, dest="ball_layers",
+                        help="layers of the truncated encoder the ball certificate bounds")
     parser.add_argument("--threshold", type=float, default=0.5,
                         help="text fixture: the CWS predicate's cosine (edit: the fixture's success cosine)")
     parser.add_argument("--cws-samples", type=int, default=0, dest="cws_samples")

@@ -14,6 +14,11 @@ disjoint from the audit's probe prompts, with ridge ``ridge * trace(C) / in``
 since a few hundred tokens do not make C full rank). ``strength`` scales dW
 (1 is the full edit) so that edits can be matched in norm to benign deltas.
 
+That value leaves the trigger's own residual stream in place, so the model
+still reads the trigger word; :func:`substitution_edit` chooses ``v*`` so that
+an FFN-output edit makes the whole residual stream at the trigger the target's
+(the backdoor fixture of :mod:`diverify.backdoors.text`).
+
 Benign deltas: a short optax (AdamW) fine-tune on a locally built
 sentence-similarity task (cosine-similarity regression on generated sentence
 pairs), of the whole model, of a single layer, or of LoRA factors (rank r on
