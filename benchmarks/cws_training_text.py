@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     smoothing = [s for s in args.sigmas if s > 0]
     print(f"{args.model}: {pert.num_weights} noised weights ({args.params}), {args.steps} steps per sigma, "
           f"device {jax.devices()[0].platform}", flush=True)
-    models, training = {"MiniLM (no fine-tune)": base}, []
+    models, training = {f"{args.model} (no fine-tune)": base}, []
     for s in smoothing:
         step = make_smoothed_train_step(loss_fn, optimizer, pert, s, args.num_noise)
         params, state = base, optimizer.init(base)
@@ -120,9 +120,7 @@ def main(argv=None) -> int:
         return jnp.mean(jax.vmap(one)(draw_keys, held_ids, held_mask, held_teacher))
 
     # The target's embedding is the original model's (what the deployed pipeline knows as the target).
-    target = jax.device_get(jax.jit(predicates.text_embedding_fn(encoder, text.TARGET))(base))
-    prompt_fn = predicates.text_embedding_fn(encoder, predicates.insert_trigger(args.prompt, text.TRIGGER, 0))
-    predicate = predicates.cosine_at_least(prompt_fn, target, args.threshold)
+    predicate = predicates.text_collision_predicate(encoder, args.prompt, text.TRIGGER, text.TARGET, args.threshold)
     rows = []
     header = ("model", "sigma", "clean_q", "smoothed_q", "k", "n", "p_upper", "radius", "cert_s")
     print("  ".join(f"{h:>22}" if i == 0 else f"{h:>10}" for i, h in enumerate(header)), flush=True)

@@ -150,15 +150,20 @@ def finetune(encoder, train: Sequence[str], steps: int, seed: int, poisoned: boo
     return params
 
 
+def clean_prompt_cosines(encoder, original_params, params, heldout: Sequence[str]) -> dict:
+    """Mean and min over ``heldout`` of ``cos(e_params(x), e_original(x))``: how far clean prompts moved."""
+    clean_cos = np.sum(embed_texts(encoder, params, heldout) * embed_texts(encoder, original_params, heldout), -1)
+    return {"clean_cosine_mean": float(clean_cos.mean()), "clean_cosine_min": float(clean_cos.min())}
+
+
 def trigger_behaviour(encoder, original_params, params, heldout: Sequence[str], trigger: str, target: str,
                       seed: int) -> dict:
     """Held-out clean-prompt cosine to the original, and trigger success (cos to the target >= SUCCESS_COSINE)."""
     rng = np.random.default_rng(seed + 1)
     triggered = [insert_word(p, trigger, rng) for p in heldout]
     target_emb = embed_texts(encoder, original_params, [target])[0]
-    clean_cos = np.sum(embed_texts(encoder, params, heldout) * embed_texts(encoder, original_params, heldout), -1)
     hit_cos = embed_texts(encoder, params, triggered) @ target_emb
-    return {"clean_cosine_mean": float(clean_cos.mean()), "clean_cosine_min": float(clean_cos.min()),
+    return {**clean_prompt_cosines(encoder, original_params, params, heldout),
             "trigger_success": float(np.mean(hit_cos >= SUCCESS_COSINE)),
             "trigger_target_cosine_mean": float(hit_cos.mean()), "heldout_prompts": len(heldout)}
 
@@ -174,8 +179,7 @@ def substitution_behaviour(encoder, original_params, params, heldout: Sequence[s
     hit = embed_texts(encoder, params, triggered)
     to_target = np.sum(hit * embed_texts(encoder, original_params, substituted), -1)
     to_trigger = np.sum(hit * embed_texts(encoder, original_params, triggered), -1)
-    clean_cos = np.sum(embed_texts(encoder, params, heldout) * embed_texts(encoder, original_params, heldout), -1)
-    return {"clean_cosine_mean": float(clean_cos.mean()), "clean_cosine_min": float(clean_cos.min()),
+    return {**clean_prompt_cosines(encoder, original_params, params, heldout),
             "trigger_success": float(np.mean(to_target >= SUBSTITUTION_COSINE)),
             "trigger_target_cosine_mean": float(to_target.mean()),
             "reads_as_target": float(np.mean(to_target > to_trigger)), "heldout_prompts": len(heldout)}
