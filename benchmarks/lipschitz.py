@@ -14,6 +14,11 @@ GroupNorm's variance and output, up to the first node whose relaxation fails.
     python benchmarks/lipschitz.py --diagnose --engine-methods crown-forward zonotope --radii 1e-3 1e-5
     python benchmarks/lipschitz.py --precision float32 --steps 10 --methods local  # the engine in float32
     python benchmarks/lipschitz.py --dit --steps 50 --methods local   # DiT-S/2 random weights (GPU)
+    python benchmarks/lipschitz.py --gmm 2 --methods global reach --keep-decision   # certified radii of the label
+
+``--keep-decision`` adds the certified radius in x_T that keeps the classifier's decision on x_0 (the digits
+directory's classifier, the mixture's Bayes rule), next to the radius above which the attack changes it,
+and (global) the certified radius in the class weights for the same distance.
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ import numpy as np
 from diverify.diffusion import gmm
 from diverify.diffusion.schedulers import ddim_schedule, noise_schedule, read_noise_schedule
 from diverify.errors import DiverifyError
-from diverify.lipschitz import (PRECISION, PRECISIONS, clean_trajectory, compile_step_bound, gmm_eps_lipschitz,
-                                lipschitz_report, make_chain, rechain, unet_eps_lipschitz)
+from diverify.diffusion.digits import load_classifier
+from diverify.lipschitz import (PRECISION, PRECISIONS, LinearDecision, clean_trajectory, compile_step_bound,
+                                gmm_eps_lipschitz, lipschitz_report, make_chain, mixture_decision, rechain,
+                                unet_eps_lipschitz)
 from diverify.models.diffusers_checkpoint import build_denoiser, load_denoiser
 from diverify.results import to_jsonable
 from diverify.specs import Box, lp_ball
@@ -55,8 +62,9 @@ def digits_model(directory: Path):
     x_T = jnp.asarray(np.random.default_rng(0).normal(size=(1, 1, 8, 8)), jnp.float32)
     bounds = unet_eps_lipschitz(den.config, den.params)
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(den.params))
+    classifier = load_classifier(directory)
     return den.eps, den.params, noise, jax.nn.one_hot(jnp.array([3]), 10), x_T, (lambda t: bounds), \
-        f"{den.class_name} ({n_params} parameters)"
+        f"{den.class_name} ({n_params} parameters)", LinearDecision(classifier.weight, classifier.bias)
 
 
 def gmm_model(dim: int):
@@ -67,7 +75,8 @@ def gmm_model(dim: int):
     mix = gmm.gaussian_mixture([0.5, 0.5], means, [0.3, 0.3], noise)
     x_T = jnp.asarray(np.random.default_rng(0).normal(size=(1, dim)), jnp.float32)
     return gmm.gmm_eps, mix, noise, None, x_T, \
-        (lambda t: (gmm_eps_lipschitz(mix, float(noise.alphas_cumprod[t])), None)), f"Gaussian mixture (d = {dim})"
+        (lambda t: (gmm_eps_lipschitz(mix, float(noise.alphas_cumprod[t])), None)), f"Gaussian mixture (d = {dim})", \
+        mixture_decision(mix)
 
 
 def dit_model(layers: int):
@@ -75,7 +84,7 @@ def dit_model(layers: int):
     noise = noise_schedule(clip_sample=False)
     x_T = jnp.asarray(np.random.default_rng(0).normal(size=(1, 4, 32, 32)), jnp.float32)
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(den.params))
-    return den.eps, den.params, noise, jnp.array([3]), x_T, None, f"DiT, {layers} blocks ({n_params} parameters)"
+    return den.eps, den.params, noise, jnp.array([3]), x_T, None, f"DiT, {layers} blocks ({n_params} parameters)", None
 
 
 def diagnose(chain, engine_method: str, radius: float, compiled: dict, memory_limit: int | None,
@@ -126,16 +135,21 @@ def main() -> None:
     parser.add_argument("--diagnose", action="store_true", help="where the intervals widen at step 0 (no chain)")
     parser.add_argument("--memory-limit-gib", type=float, default=None,
                         help="with --diagnose: refuse a step bound XLA estimates above this (default: device memory)")
+    parser.add_argument("--keep-decision", action="store_true",
+                        help="also the certified radius keeping the classifier's decision (see above)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     limit = None if args.memory_limit_gib is None else int(args.memory_limit_gib * 2 ** 30)
     if args.gmm is not None:
-        apply_fn, params, noise, cond, x_T, lip, name = gmm_model(args.gmm)
+        apply_fn, params, noise, cond, x_T, lip, name, decision = gmm_model(args.gmm)
     elif args.dit is not None:
-        apply_fn, params, noise, cond, x_T, lip, name = dit_model(args.dit)
+        apply_fn, params, noise, cond, x_T, lip, name, decision = dit_model(args.dit)
     else:
-        apply_fn, params, noise, cond, x_T, lip, name = digits_model(args.denoiser)
+        apply_fn, params, noise, cond, x_T, lip, name, decision = digits_model(args.denoiser)
     print(f"model {name}, device {jax.devices()[0].platform}, engine precision {args.precision}", flush=True)
+    if args.keep_decision and decision is None:
+        raise SystemExit("--keep-decision: this model has no classifier")
+    decision = decision if args.keep_decision else None
     rows = []
     # One chain's step map for every T: each engine method compiles its step bounds once for the whole run.
     chain = None
@@ -159,12 +173,21 @@ def main() -> None:
                 start = time.perf_counter()
                 try:
                     rep = lipschitz_report(chain, method, radius, lip, engine_method,
-                                           compiled=caches.get(engine_method), precision=args.precision)
+                                           compiled=caches.get(engine_method), precision=args.precision,
+                                           decision=decision)
                     row = dict(log10_certified=rep.log10_cumulative, empirical_lower=rep.empirical_lower,
                                chain_jacobian=rep.empirical_chain_jacobian,
                                log10_ratio=rep.log10_cumulative - float(np.log10(rep.empirical_lower)),
-                               cond_certified=rep.cond_cumulative, seconds=rep.seconds,
-                               compile_seconds=rep.compile_seconds, error=None)
+                               cond_certified=rep.cond_cumulative, log10_cond_certified=rep.log10_cond_cumulative,
+                               seconds=rep.seconds, compile_seconds=rep.compile_seconds, error=None)
+                    if decision is not None:
+                        log_r = None if rep.certified_radius is None else (
+                            float(np.log10(rep.distance)) - rep.log10_cumulative if method == "global"
+                            else float(np.log10(rep.certified_radius)) if rep.certified_radius > 0 else None)
+                        row.update(decision_label=rep.decision_label, boundary_distance=rep.distance,
+                                   certified_radius=rep.certified_radius, log10_certified_radius=log_r,
+                                   attack_radius=rep.empirical_radius,
+                                   cond_certified_radius=rep.cond_certified_radius)
                 except DiverifyError as err:
                     row = dict(error=str(err), seconds=time.perf_counter() - start)
                 rows.append(dict(row, steps=steps, method=method, engine_method=engine_method, radius=radius,
@@ -176,6 +199,12 @@ def main() -> None:
                     compile_s = "" if row["compile_seconds"] is None else f", compile {row['compile_seconds']:.1f} s"
                     print(f"{head} certified 10^{row['log10_certified']:.2f}  empirical {row['empirical_lower']:.4g}  "
                           f"ratio 10^{row['log10_ratio']:.2f}  ({row['seconds']:.1f} s{compile_s})", flush=True)
+                    if decision is not None:
+                        log_r = row["log10_certified_radius"]
+                        print(f"{'':>{len(head)}} decision (class {row['decision_label']}, boundary at "
+                              f"{row['boundary_distance']:.4g}): certified radius "
+                              f"{'none' if log_r is None else f'10^{log_r:.2f}'}, attack changes it above "
+                              f"{row['attack_radius']}", flush=True)
     tag = "gmm" if args.gmm is not None else "dit" if args.dit is not None else "digits"
     path = args.out or OUT / f"lipschitz_{tag}{'_diagnose' if args.diagnose else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

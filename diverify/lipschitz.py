@@ -30,6 +30,12 @@ norm of each step's Jacobian at x̄_i and of the chain's Jacobian at x̄_T
 bound of all three certified cumulative numbers; the chain's Jacobian norm
 is a lower bound of the global one.
 
+Certified radii: with a distance d, the largest r (bisection) whose certified bound keeps
+||F(x_T) - F(x̄_T)|| <= d for every x_T in B(x̄_T, r); with a :class:`LinearDecision` (a classifier
+affine before its argmax), d is x̄_0's exact l2 distance to its decision boundary, so the radius
+certifies the label of the final sample, and the attack tries to change that label; w.r.t. the
+conditioning (global only), d / L_c.
+
 One compilation for all steps: everything that changes between steps (the
 scheduler's coefficients, the model's timestep features, sigma_i z_i) is one
 float vector k_i, an argument of a single step map f(x, k). XLA compiles it
@@ -593,23 +599,87 @@ def attack_objective(f: Callable) -> Callable:
     return jax.jit(jax.value_and_grad(lambda d, x, fx: jnp.linalg.norm(f(x + d) - fx)))
 
 
-def attack_ratio(objective: Callable, x: jax.Array, fx: jax.Array, radius: float, key: jax.Array, steps: int = 10,
-                 restarts: int = 2) -> float:
-    """max over tried ||delta|| = radius of ||f(x + delta) - f(x)|| / radius (normalised gradient ascent
-    projected on the sphere; ``objective`` from :func:`attack_objective`)."""
-    best = 0.0
+def sphere_ascent(value_and_grad: Callable, x: jax.Array, radius: float, key: jax.Array, steps: int = 10,
+                  restarts: int = 2) -> float:
+    """max over tried ||delta|| = radius of an objective (normalised gradient ascent projected on the
+    sphere; ``value_and_grad(delta) -> (value, gradient)``, ``x`` gives the shape)."""
+    best = -math.inf
     for k in range(restarts):
         d = jax.random.normal(jax.random.fold_in(key, k), x.shape, jnp.float32)
         d = radius * d / jnp.linalg.norm(d)
         for _ in range(steps + 1):
-            val, g = objective(d, x, fx)
+            val, g = value_and_grad(d)
             best = max(best, float(val))
             gn = float(jnp.linalg.norm(g))
             if not math.isfinite(gn) or gn == 0.0:
                 break
             d = d + radius * g / gn
             d = radius * d / jnp.linalg.norm(d)
-    return best / radius
+    return best
+
+
+def attack_ratio(objective: Callable, x: jax.Array, fx: jax.Array, radius: float, key: jax.Array, steps: int = 10,
+                 restarts: int = 2) -> float:
+    """max over tried ||delta|| = radius of ||f(x + delta) - f(x)|| / radius (:func:`sphere_ascent`;
+    ``objective`` from :func:`attack_objective`)."""
+    return sphere_ascent(lambda d: objective(d, x, fx), x, radius, key, steps, restarts) / radius
+
+
+# --------------------------------------------------------------------------- decisions of the final sample
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearDecision:
+    """A classifier of the final sample that is affine before its argmax:
+    ``label(x) = argmax_j (W x + b)_j`` over the flattened sample (the digits classifier of
+    :mod:`diverify.diffusion.digits`; the mixture's Bayes rule, :func:`mixture_decision`)."""
+
+    weight: np.ndarray  # (classes, d)
+    bias: np.ndarray  # (classes,)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        return jnp.reshape(x, (-1,)) @ jnp.asarray(self.weight, jnp.float32).T + jnp.asarray(self.bias, jnp.float32)
+
+    def boundary_distance(self, x: Any) -> tuple[int, float]:
+        """(y, D) for the sample ``x``: y its label and D = min_{j != y} (z_y - z_j) / ||w_y - w_j||, the
+        exact l2 distance from x to the set where another class scores at least as high (each margin
+        z_y - z_j is affine with gradient w_y - w_j). Every x' with ||x' - x|| < D therefore keeps y.
+        Computed in float64 and shrunk by a relative 1e-9 for its rounding."""
+        w = np.asarray(self.weight, np.float64)
+        b = np.asarray(self.bias, np.float64)
+        flat = np.asarray(x, np.float64).reshape(-1)
+        if w.ndim != 2 or w.shape[1] != flat.size or b.shape != (w.shape[0],):
+            raise DiverifyError(f"the classifier takes {w.shape[1] if w.ndim == 2 else '?'} values per sample with "
+                                f"bias {b.shape}, the samples have {flat.size}")
+        z = w @ flat + b
+        y = int(np.argmax(z))
+        gaps = [(z[y] - z[j]) / np.linalg.norm(w[y] - w[j]) for j in range(len(z))
+                if j != y and np.any(w[y] != w[j])]
+        distance = max(0.0, min(gaps, default=math.inf) * (1 - 1e-9))
+        return y, float(distance)
+
+
+def mixture_decision(mixture: Any) -> LinearDecision:
+    """The Bayes classifier of a Gaussian mixture with one shared std s, which is affine:
+    argmax_j log w_j - ||x - mu_j||^2 / (2 s^2) = argmax_j mu_j . x / s^2 + log w_j - ||mu_j||^2 / (2 s^2)."""
+    stds = np.asarray(mixture.stds, np.float64)
+    if not np.allclose(stds, stds[0]):
+        raise DiverifyError("the mixture's decision is affine only when its components share one std")
+    means = np.asarray(mixture.means, np.float64)
+    s2 = stds[0] ** 2
+    return LinearDecision(means / s2, np.log(np.asarray(mixture.weights, np.float64)) - (means ** 2).sum(1) / (2 * s2))
+
+
+def decision_objective(f: Callable, decision: LinearDecision, label: int) -> Callable:
+    """``(delta, x) -> (max_{j != label} z_j - z_label at f(x + delta), gradient in delta)``: positive iff
+    the decision changed."""
+    others = jnp.asarray([j for j in range(decision.weight.shape[0]) if j != label])
+
+    def gap(d, x):
+        z = decision.logits(f(x + d))
+        return jnp.max(z[others]) - z[label]
+
+    return jax.jit(jax.value_and_grad(gap))
 
 
 # --------------------------------------------------------------------------- the report
@@ -630,6 +700,13 @@ class LipschitzReport:
     first breaks the distance (an upper estimate of the true robust radius);
     ``compile_seconds``: tracing + compilation of the engine's step bounds (local/reach; part of
     ``seconds``); ``precision``: the engine's arithmetic (local/reach; None for global).
+    With a decision (:class:`LinearDecision`): ``decision_label`` is the clean x̄_0's label,
+    ``distance`` the distance from x̄_0 to its decision boundary (so ``certified_radius`` keeps
+    the label), and ``empirical_radius`` the largest r (found) at which an attack on the label
+    fails: the attack changes the label at a radius within one bisection step above it.
+    ``cond_certified_radius`` (global): distance / ``cond_cumulative``, the l2 perturbation of the
+    conditioning that provably keeps x_0 within ``distance`` (x_T fixed); ``log10_cond_cumulative``
+    is always finite where ``cond_cumulative`` is set.
     """
 
     method: str
@@ -651,6 +728,9 @@ class LipschitzReport:
     seconds: float
     compile_seconds: float | None = None
     precision: str | None = None
+    decision_label: int | None = None
+    cond_certified_radius: float | None = None
+    log10_cond_cumulative: float | None = None
 
 
 def _global(chain: Chain, eps_lipschitz: Callable[[int], tuple[float, float]]):
@@ -697,14 +777,16 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
                      engine_method: str = "crown-forward", distance: float | None = None,
                      key: jax.Array | None = None, bisect_iters: int = 6,
                      progress: Callable | None = None, compiled: dict | None = None,
-                     precision: str = PRECISION) -> LipschitzReport:
+                     precision: str = PRECISION, decision: LinearDecision | None = None) -> LipschitzReport:
     """Bounds of ``method`` for ``chain`` over the l2 ball of ``radius`` around its x_T (local/reach: the
     engine computing in ``precision``).
 
     ``eps_lipschitz(t) -> (L_x, L_cond)`` is needed for ``global``. With
     ``distance`` the certified radius (for global exactly distance / cumulative;
     for local/reach by bisection on the propagated radius) and the attack's
-    radius are computed too. ``compiled``: a cache of step bounds (see :func:`engine_chain`).
+    radius are computed too. ``decision`` (instead of ``distance``): the distance is the clean x̄_0's
+    distance to the decision boundary, and the attack tries to change the decision.
+    ``compiled``: a cache of step bounds (see :func:`engine_chain`).
     """
     if method not in METHODS:
         raise DiverifyError(f"unknown Lipschitz method {method!r}: choose one of {', '.join(METHODS)}")
@@ -714,10 +796,15 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
         raise DiverifyError(f"radius must be a positive finite number, got {radius}")
     if distance is not None and not (math.isfinite(distance) and distance > 0):
         raise DiverifyError(f"distance must be a positive finite number, got {distance}")
+    if decision is not None and distance is not None:
+        raise DiverifyError("pass either a distance or a decision, not both")
     key = jax.random.PRNGKey(0) if key is None else key
     start = time.perf_counter()
     traj = clean_trajectory(chain)
-    cond_cum, radii, cert_radius, compile_seconds = None, None, None, None
+    label = None
+    if decision is not None:
+        label, distance = decision.boundary_distance(traj[-1])
+    cond_cum, radii, cert_radius, compile_seconds, cond_radius, log_cond = None, None, None, None, None, None
     if method == "global":
         if eps_lipschitz is None:
             raise DiverifyError("the global method needs a global Lipschitz bound of the denoiser")
@@ -725,6 +812,10 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
         cond_cum = None if log_cond is None else (10.0 ** log_cond if log_cond < 308 else math.inf)
         if distance is not None:
             cert_radius = distance * 10.0 ** -log_cumulative if log_cumulative < 308 else 0.0
+            if log_cond is not None:
+                cond_radius = distance * 10.0 ** -log_cond if log_cond < 308 else 0.0
+    elif distance == 0.0:
+        raise DiverifyError("the clean final sample lies on the decision boundary: no radius keeps its label")
     else:
         compiled = {} if compiled is None else compiled
         cached = {id(b) for b in compiled.values()}
@@ -751,7 +842,13 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
     emp_attack = attack_ratio(objective, chain.x_T, traj[-1], radius, keys[-1])
     emp_lower = max(emp_chain, emp_attack) if method == "global" else emp_attack
     emp_radius = None
-    if distance is not None:
+    if decision is not None:
+        flip = decision_objective(f, decision, label)
+
+        def breaks(r):
+            return sphere_ascent(lambda d: flip(d, chain.x_T), chain.x_T, r, keys[-1], steps=5, restarts=1) > 0
+        emp_radius = _bisect_radius(lambda r: not breaks(r), radius, bisect_iters)
+    elif distance is not None:
         def breaks(r):
             return attack_ratio(objective, chain.x_T, traj[-1], r, keys[-1], steps=5, restarts=1) * r > distance
         emp_radius = _bisect_radius(lambda r: not breaks(r), radius, bisect_iters)
@@ -760,4 +857,4 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
                            float(log_cumulative),
                            emp_steps, emp_chain, emp_attack, emp_lower, cond_cum, radii, distance, cert_radius,
                            emp_radius, time.perf_counter() - start, compile_seconds,
-                           None if method == "global" else precision)
+                           None if method == "global" else precision, label, cond_radius, log_cond)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 HELP = "certified Lipschitz bounds of the reverse diffusion chain x_T -> x_0, next to empirical lower bounds"
@@ -24,7 +25,11 @@ Bounds how much the final sample x_0 can move when the noise seed x_T moves by r
 
 Each certified number is printed next to an empirical lower bound (Jacobian power
 iteration and a gradient attack). With --distance d, the certified radius in x_T
-(final sample provably within d of the clean one) and the attack's radius.
+(final sample provably within d of the clean one) and the attack's radius; global
+also gives the radius in the class weights. With --keep-decision, d is the clean
+final sample's distance to the decision boundary of a classifier (the digits
+directory's classifier.json, or the mixture's Bayes rule): the certified radius
+keeps the class, and the attack tries to change it.
 """
 
 EPILOG = """\
@@ -32,6 +37,7 @@ examples:
   diverify lipschitz --denoiser gmm --steps 10 --method global
   diverify lipschitz --denoiser runs/digits --steps 10 --method global --json
   diverify lipschitz --denoiser gmm --gmm-dim 8 --steps 5 --method reach --radius 0.05 --distance 0.5
+  diverify lipschitz --denoiser gmm --steps 25 --method reach --radius 0.01 --keep-decision
   diverify lipschitz --denoiser runs/digits --steps 50 --method reach --engine-method zonotope --radius 1e-3
   diverify lipschitz --denoiser runs/digits --sampler ddpm --steps 25 --method global --plot lip.png
 """
@@ -50,6 +56,8 @@ def register(subparsers) -> None:
                         help="l2 radius of the x_T ball for local/reach and the attack (default 0.01)")
     parser.add_argument("--distance", type=float, default=None, metavar="D",
                         help="also find the certified and the empirical radius keeping x_0 within D")
+    parser.add_argument("--keep-decision", action="store_true",
+                        help="certify the radius that keeps the classifier's decision on x_0 (instead of --distance)")
     parser.add_argument("--engine-method", default="crown-forward",
                         help="bound-engine method for local/reach: ibp, forward, zonotope, crown-ibp, crown-forward, "
                              "crown-zonotope, crown, alpha-crown (default crown-forward)")
@@ -72,7 +80,7 @@ def _gmm_setup(args):
     from diverify.diffusion import gmm
     from diverify.diffusion.schedulers import noise_schedule
     from diverify.errors import DiverifyError
-    from diverify.lipschitz import gmm_eps_lipschitz
+    from diverify.lipschitz import gmm_eps_lipschitz, mixture_decision
 
     if args.gmm_dim < 1:
         raise DiverifyError(f"--gmm-dim must be >= 1, got {args.gmm_dim}")
@@ -86,7 +94,7 @@ def _gmm_setup(args):
     def lip(t):
         return gmm_eps_lipschitz(mixture, float(noise.alphas_cumprod[t])), None
 
-    return gmm.gmm_eps, mixture, None, noise, x_T, lip
+    return gmm.gmm_eps, mixture, None, noise, x_T, lip, lambda: mixture_decision(mixture)
 
 
 def _dir_setup(args):
@@ -116,7 +124,15 @@ def _dir_setup(args):
     if den.class_name == "UNet2DModel":
         bounds = unet_eps_lipschitz(den.config, den.params)
         lip = lambda t: bounds  # noqa: E731
-    return den.eps, den.params, cond, noise, x_T, lip
+
+    def decision():
+        from diverify.diffusion.digits import load_classifier
+        from diverify.lipschitz import LinearDecision
+
+        classifier = load_classifier(args.denoiser)
+        return LinearDecision(classifier.weight, classifier.bias)
+
+    return den.eps, den.params, cond, noise, x_T, lip, decision
 
 
 def _plot(report, path):
@@ -140,6 +156,15 @@ def _plot(report, path):
     plt.close(fig)
 
 
+def _radius(value, distance=None, log10_bound=None) -> str:
+    """A radius for people; one that underflows float64 (distance / a bound beyond 10^308) as its power of ten."""
+    if value is None:
+        return "none found"
+    if value == 0.0 and distance and log10_bound is not None and math.isfinite(log10_bound):
+        return f"0 (10^{math.log10(distance) - log10_bound:.1f})"
+    return f"{value:.4g}"
+
+
 def run(args) -> int:
     import jax
 
@@ -152,8 +177,11 @@ def run(args) -> int:
         raise DiverifyError(f"unknown --method {args.method!r}: choose one of {', '.join(METHODS)}")
     if not args.radius > 0:
         raise DiverifyError(f"--radius must be > 0, got {args.radius}")
+    if args.keep_decision and args.distance is not None:
+        raise DiverifyError("--keep-decision sets the distance itself: drop --distance")
     setup = _gmm_setup if args.denoiser == "gmm" else _dir_setup
-    apply_fn, params, cond, noise, x_T, lip = setup(args)
+    apply_fn, params, cond, noise, x_T, lip, decision = setup(args)
+    decision = decision() if args.keep_decision else None
     schedule = ddim_schedule(noise, args.steps, eta=args.eta) if args.sampler == "ddim" \
         else ddpm_schedule(noise, args.steps)
     chain = make_chain(apply_fn, params, cond, schedule, x_T, jax.random.PRNGKey(args.seed))
@@ -164,7 +192,8 @@ def run(args) -> int:
         bar = tqdm(total=args.steps, desc=f"{args.method} bounds", file=sys.stderr)
         progress = bar.update
     report = lipschitz_report(chain, args.method, args.radius, lip, args.engine_method, args.distance,
-                              jax.random.PRNGKey(args.seed), progress=progress, precision=args.precision)
+                              jax.random.PRNGKey(args.seed), progress=progress, precision=args.precision,
+                              decision=decision)
     if bar is not None:
         bar.close()
     if args.plot:
@@ -181,8 +210,16 @@ def run(args) -> int:
     print(f"cumulative certified {report.cumulative:.4g} (log10 {report.log10_cumulative:.2f})   empirical lower {report.empirical_lower:.4g}   "
           f"ratio {report.cumulative / max(report.empirical_lower, 1e-30):.3g}")
     if report.cond_cumulative is not None:
-        print(f"w.r.t. the conditioning: certified {report.cond_cumulative:.4g}")
-    if report.distance is not None:
-        print(f"radius keeping x_0 within {report.distance:g}: certified {report.certified_radius}   "
-              f"attack {report.empirical_radius}")
+        print(f"w.r.t. the conditioning: certified {report.cond_cumulative:.4g} (log10 {report.log10_cond_cumulative:.2f})")
+    certified = _radius(report.certified_radius, report.distance, report.log10_cumulative)
+    if report.decision_label is not None:
+        print(f"radius keeping the classifier's decision (class {report.decision_label}, clean x_0 at "
+              f"{report.distance:.4g} from its boundary): certified {certified}   "
+              f"attack changes it above {_radius(report.empirical_radius)}")
+    elif report.distance is not None:
+        print(f"radius keeping x_0 within {report.distance:g}: certified {certified}   "
+              f"attack {_radius(report.empirical_radius)}")
+    if report.cond_certified_radius is not None:
+        print(f"radius in the class weights keeping x_0 within {report.distance:.4g}: certified "
+              f"{_radius(report.cond_certified_radius, report.distance, report.log10_cond_cumulative)}")
     return 0

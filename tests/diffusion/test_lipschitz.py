@@ -151,6 +151,7 @@ def test_report_is_consistent_and_lower_bounds_stay_below():
     assert all(e <= b for e, b in zip(report.empirical_per_step, report.per_step))
     assert math.isclose(report.cumulative, math.prod(report.per_step), rel_tol=1e-9)
     assert report.certified_radius == pytest.approx(0.5 / report.cumulative)
+    assert report.cond_certified_radius is None  # the mixture has no bound w.r.t. its weights
     assert report.empirical_radius is None or report.certified_radius <= report.empirical_radius * 1.01
     exact = float(np.linalg.norm(np.asarray(G.ddim_jacobian(mix, schedule, chain.x_T[0])), 2))
     assert report.empirical_chain_jacobian == pytest.approx(exact, rel=1e-3)
@@ -160,6 +161,80 @@ def test_report_is_consistent_and_lower_bounds_stay_below():
         L.lipschitz_report(chain, "spectral", 0.1, lip)
     with pytest.raises(DiverifyError, match="unknown precision"):
         L.lipschitz_report(chain, "local", 0.1, precision="float16")
+
+
+def test_decision_distance_is_the_exact_distance_to_the_boundary():
+    rng = np.random.default_rng(0)
+    dec = L.LinearDecision(rng.normal(size=(4, 6)), rng.normal(size=4))
+    x = rng.normal(size=6)
+    label, distance = dec.boundary_distance(x)
+    z = dec.weight @ x + dec.bias
+    assert label == int(np.argmax(z)) and distance > 0
+    gaps = [(z[label] - z[j]) / np.linalg.norm(dec.weight[label] - dec.weight[j]) if j != label else np.inf
+            for j in range(4)]
+    j = int(np.argmin(gaps))
+    u = (dec.weight[label] - dec.weight[j]) / np.linalg.norm(dec.weight[label] - dec.weight[j])
+    def labels(points):
+        return np.argmax(np.atleast_2d(points) @ dec.weight.T + dec.bias, axis=1)
+
+    assert labels(x - distance * (1 + 1e-6) * u)[0] != label  # just past the nearest boundary
+    directions = rng.normal(size=(2000, 6))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    inside = x + 0.999 * distance * directions * rng.uniform(size=(2000, 1)) ** (1 / 6)
+    assert np.all(labels(inside) == label)
+    assert np.all(labels(x + 0.999 * distance * directions) == label)
+    # The mixture's Bayes rule for modes at +-e1 with one std is the sign of the first coordinate.
+    points = rng.normal(size=(500, 3))
+    mix_dec = L.mixture_decision(mixture(3))
+    assert np.array_equal(labels_of(mix_dec, points), (points[:, 0] > 0).astype(int))
+    with pytest.raises(DiverifyError, match="takes 6 values"):
+        dec.boundary_distance(np.zeros(5))
+    with pytest.raises(DiverifyError, match="share one std"):
+        L.mixture_decision(G.gaussian_mixture([0.5, 0.5], np.eye(2), [0.3, 0.4], NOISE))
+
+
+def labels_of(dec, points):
+    return np.argmax(points @ np.asarray(dec.weight).T + np.asarray(dec.bias), axis=1)
+
+
+def test_certified_decision_radius_keeps_the_label_under_sampling_and_attack():
+    mix, schedule = mixture(2), sch.ddim_schedule(NOISE, 5)
+    # x_T whose final sample lands near the boundary between the modes.
+    chain = L.make_chain(G.gmm_eps, mix, None, schedule, jnp.array([[0.05, 0.3]]))
+    dec = L.mixture_decision(mix)
+    report = L.lipschitz_report(chain, "reach", 0.01, decision=dec, bisect_iters=3)
+    fmap = jax.jit(jax.vmap(G.ddim_map(mix, schedule)))
+    x_T = np.asarray(chain.x_T, np.float32)
+    clean = np.asarray(fmap(x_T), np.float64)
+    assert report.decision_label == labels_of(dec, clean)[0]
+    assert report.distance == pytest.approx(dec.boundary_distance(clean[0])[1], rel=1e-4)
+    r = report.certified_radius
+    assert r is not None and r > 0
+    rng = np.random.default_rng(1)
+    directions = rng.normal(size=(400, 2))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    points = np.concatenate([x_T + r * directions, x_T + r * directions * rng.uniform(size=(400, 1))])
+    assert np.all(labels_of(dec, np.asarray(fmap(points.astype(np.float32)))) == report.decision_label)
+    flip = L.decision_objective(L.chain_function(chain), dec, report.decision_label)
+    assert L.sphere_ascent(lambda d: flip(d, chain.x_T), chain.x_T, r, jax.random.PRNGKey(2)) <= 0
+    # The attack changes the label within one bisection bracket (10^(1/8)) above its radius, and no
+    # certificate can exceed a radius where the label changes.
+    assert report.empirical_radius is not None and r <= report.empirical_radius * 10 ** (1 / 8)
+    with pytest.raises(DiverifyError, match="either a distance or a decision"):
+        L.lipschitz_report(chain, "reach", 0.01, distance=0.1, decision=dec)
+
+
+def test_global_radius_in_the_class_weights_is_distance_over_the_conditioning_bound():
+    config = dict(digits.UNET_CONFIG, block_out_channels=[8, 16], norm_num_groups=4)
+    den = build_denoiser(config, seed=3)
+    lx, lc = L.unet_eps_lipschitz(den.config, den.params)
+    schedule = sch.ddim_schedule(NOISE, 2)
+    chain = L.make_chain(den.eps, den.params, jax.nn.one_hot(jnp.array([3]), 10), schedule,
+                         jnp.zeros((1, 1, 8, 8)))
+    report = L.lipschitz_report(chain, "global", 0.01, lambda t: (lx, lc), distance=0.5, bisect_iters=1)
+    assert report.cond_cumulative is not None and report.log10_cond_cumulative is not None
+    assert report.cond_certified_radius == pytest.approx(0.5 * 10 ** -report.log10_cond_cumulative)
+    assert report.decision_label is None
 
 
 def test_unet_global_bound_dominates_sampled_pairs_in_sample_and_class_weights():
@@ -203,7 +278,8 @@ def test_cli_json_and_errors(tmp_path, capsys):
     missing = str(tmp_path / "missing")
     for argv, message in [(["--denoiser", "gmm", "--radius", "-1"], "radius"),
                           (["--denoiser", "gmm", "--method", "spectral"], "unknown --method"),
-                          (["--denoiser", missing], "does not exist")]:
+                          (["--denoiser", missing], "does not exist"),
+                          (["--denoiser", "gmm", "--keep-decision", "--distance", "0.1"], "--keep-decision")]:
         code, _ = run_cli(["lipschitz", "--steps", "2"] + argv)
         assert code != 0
         assert message in capsys.readouterr().err
