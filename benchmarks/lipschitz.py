@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50])
     parser.add_argument("--methods", nargs="+", default=["global", "local", "reach"])
     parser.add_argument("--radii", type=float, nargs="+", default=[1e-3])
-    parser.add_argument("--engine-methods", nargs="+", default=["crown-forward"])
+    parser.add_argument("--engine-methods", nargs="+", default=["zonotope"])
     parser.add_argument("--precision", choices=PRECISIONS, default=PRECISION,
                         help=f"arithmetic of the bound engine for local/reach and --diagnose (default {PRECISION})")
     parser.add_argument("--diagnose", action="store_true", help="where the intervals widen at step 0 (no chain)")

@@ -15,8 +15,13 @@ Norms are Euclidean over the whole sample. Three certified methods:
   Gaussian mixture it is closed form (:func:`gmm_eps_lipschitz`). Sensitivity to
   the conditioning c: sum_i (prod_{j>i} L_j) L_{c,i}.
 * ``local``: balls along the clean trajectory x̄_i. With rho_0 = r, the bound
-  engine bounds f_i over the l2 ball B(x̄_i, rho_i) by a box; rho_{i+1} is the
-  l2 distance from x̄_{i+1} to the farthest box corner. By induction every
+  engine bounds f_i over the l2 ball B(x̄_i, rho_i), and rho_{i+1} bounds
+  ||f_i(x) - x̄_{i+1}|| over it: with ``zonotope``/``forward`` (:data:`L2_METHODS`)
+  from the output's affine form, ||M||_2 rho_i plus the l2 norm of its error box
+  (:func:`l2_step_radius`: the spectral norm of the linear part, ~||J||_2 rho_i
+  for a small ball), with either that or the box's farthest corner when smaller; with
+  other methods from the corner alone (~||J||_F rho_i at best, up to sqrt(d) times
+  more per step). By induction every
   x_T in B(x̄_T, r) has x_i in B(x̄_i, rho_i); per step rho_{i+1} / rho_i,
   cumulative rho_T / r bounds ||F(x_T) - F(x̄_T)|| / r (an expansion about
   the clean point, the quantity a certified radius needs).
@@ -463,10 +468,16 @@ def _available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+#: Engine methods whose output is an affine form of the input symbols (:func:`l2_step_radius` can use it).
+L2_METHODS = ("zonotope", "forward")
+
+
 @dataclasses.dataclass(frozen=True)
 class StepBound:
     """The bound engine on the chain's step map ``(x_flat, k) -> x_prev_flat``, compiled once for all
-    steps: x ranges over an input set, k over the point {inputs[i]} (a constant of the problem)."""
+    steps: x ranges over an input set, k over the point {inputs[i]} (a constant of the problem).
+    ``l2_executable`` (``zonotope``/``forward`` on an l2 ball): the output's affine form in l2 terms,
+    see :func:`l2_step_radius`."""
 
     step: Callable
     bound_function: Any
@@ -474,6 +485,7 @@ class StepBound:
     compile_seconds: float
     memory_bytes: int
     precision: str = PRECISION
+    l2_executable: Any = None
 
     def raw(self, in_set, k_box):
         """The unchecked :class:`~diverify.bounds.api.BoundResult` (intermediates, node_ok) for ``k_box``."""
@@ -481,16 +493,68 @@ class StepBound:
             return self.executable(in_set, k_box)
 
     def __call__(self, in_set, k):
+        from diverify.bounds.api import BoundResult
+        from diverify.bounds.interval import IntervalBound
         from diverify.specs import Box
 
         k = k[None]
+        if self.executable is None:  # compiled for l2 only: its parts carry the same output box
+            with self.bound_function.context():
+                *_, lo, hi, ok = self.l2_executable(in_set, Box(k, k))
+            bf = self.bound_function
+            return bf._checked(BoundResult(IntervalBound(lo, hi), {}, ok, bf.method, bf.method)).output
         return self.bound_function._checked(self.raw(in_set, Box(k, k))).output
 
 
+def _l2_parts_function(bf: Any) -> Callable:
+    """``(ball, k_box) -> (centre, halfwidth, [M_b], lo, hi, node_ok)`` of the step's output
+    (:func:`diverify.bounds.zonotope.l2_parts`; lo/hi the engine's box of the same output)."""
+    from diverify.bounds import backward, zonotope
+
+    dtype = jnp.float64 if bf.precision == "float64" else jnp.float32
+
+    def parts(in_set, k_box):
+        sets = jax.tree_util.tree_map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                                      [in_set, k_box])
+        env, flags, forms, blocks = backward.forward_forms(bf.graph, sets, bf.method, output_forms=True)
+        centre, half, mats = zonotope.l2_parts(forms[0], blocks)
+        lo, hi = env[bf.graph.outputs[0]]
+        return centre, half, mats, lo, hi, jnp.stack([jnp.asarray(f) for f in flags])
+
+    return parts
+
+
+def l2_step_radius(sb: StepBound, ball: Any, k: jax.Array, reference: Any) -> tuple[float, Any, Any]:
+    """Upper bound of ||f(x, k) - reference||_2 over the l2 ball, from the output's affine form:
+    sum_b ||M_b||_2 + || |centre - reference| + halfwidth ||_2 (:func:`diverify.bounds.zonotope.l2_parts`),
+    with the spectral norms from a float64 SVD padded by a relative 1e-10 (a backward-stable SVD errs
+    by ~n^2 ulp) and the sum rounded up to float32. Also returns the engine's output box (lo, hi).
+    Where the step is nearly linear this is ||J||_2 r plus second-order terms; the box's farthest corner
+    (:func:`_box_radius`) is ||J||_F r at best."""
+    from diverify.bounds.api import BoundResult
+    from diverify.bounds.interval import IntervalBound
+    from diverify.specs import Box
+
+    kb = k[None]
+    with sb.bound_function.context():
+        centre, half, mats, lo, hi, ok = sb.l2_executable(ball, Box(kb, kb))
+    bf = sb.bound_function
+    bf._checked(BoundResult(IntervalBound(lo, hi), {}, ok, bf.method, bf.method))
+    ref = np.asarray(reference, np.float64).reshape(-1)
+    spread = np.abs(np.asarray(centre, np.float64) - ref) + np.asarray(half, np.float64)
+    total = sum(float(np.linalg.norm(np.asarray(m, np.float64), 2)) * (1 + 1e-10) for m in mats)
+    r = (total + float(np.linalg.norm(spread))) * (1 + 1e-12)
+    if not math.isfinite(r):
+        raise DiverifyError(f"the {bf.method} bound of a step is not finite: the radius is too large for this method")
+    r32 = np.float32(r)
+    return float(r32 if float(r32) >= r else np.nextafter(r32, np.float32(np.inf))), lo, hi
+
+
 def compile_step_bound(chain: Chain, in_set: Any, engine_method: str,
-                       memory_limit: int | None = None, precision: str = PRECISION) -> StepBound:
+                       memory_limit: int | None = None, precision: str = PRECISION, l2: bool = False) -> StepBound:
     """Trace and compile the bound of the step map for sets like ``in_set``, in ``precision``
-    (``"float32"`` or ``"float64"``, see the module docstring).
+    (``"float32"`` or ``"float64"``, see the module docstring); with ``l2`` (an l2 ball and an
+    engine method of :data:`L2_METHODS`) also the output's affine form for :func:`l2_step_radius`.
 
     XLA's own memory analysis of the compiled bound is checked against ``memory_limit``
     (default: the device's memory) before anything runs: a problem too large for the machine is a
@@ -509,9 +573,12 @@ def compile_step_bound(chain: Chain, in_set: Any, engine_method: str,
     start = time.perf_counter()
     bf = compile_bounds(flat, in_set, Box(k, k), method=engine_method, precision=precision)
     with bf.context():
-        exe = jax.jit(bf.unchecked).lower(in_set, Box(k, k)).compile()
+        if l2:  # the l2 parts include the output box: one executable serves both
+            exe, l2_exe = None, jax.jit(_l2_parts_function(bf)).lower(in_set, Box(k, k)).compile()
+        else:
+            exe, l2_exe = jax.jit(bf.unchecked).lower(in_set, Box(k, k)).compile(), None
     seconds = time.perf_counter() - start
-    mem = exe.memory_analysis()
+    mem = (exe or l2_exe).memory_analysis()
     need = 0 if mem is None else int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes)
     limit = _available_bytes() if memory_limit is None else memory_limit
     if need > limit:
@@ -520,10 +587,10 @@ def compile_step_bound(chain: Chain, in_set: Any, engine_method: str,
             f"{int(np.prod(shape))} perturbed inputs through {len(bf.graph.nodes)} operations), more than the "
             f"{limit / 2 ** 30:.1f} GiB available: the problem is too large for this method here (try "
             "--engine-method ibp, a smaller model or a machine with more memory)")
-    return StepBound(step, bf, exe, seconds, need, precision)
+    return StepBound(step, bf, exe, seconds, need, precision, l2_exe)
 
 
-def engine_chain(chain: Chain, radius: float, method: str, engine_method: str = "crown-forward",
+def engine_chain(chain: Chain, radius: float, method: str, engine_method: str = "zonotope",
                  trajectory: list | None = None, compiled: dict | None = None,
                  progress: Callable | None = None, precision: str = PRECISION) -> tuple[list[float], list[float]]:
     """Radii rho_0 = radius, rho_1, ..., rho_T of the ``local`` (balls) or ``reach`` (boxes) propagation,
@@ -535,21 +602,31 @@ def engine_chain(chain: Chain, radius: float, method: str, engine_method: str = 
     """
     from diverify.specs import Box, lp_ball
 
+    from diverify.bounds.api import canonical_method
+
     traj = clean_trajectory(chain) if trajectory is None else trajectory
     compiled = {} if compiled is None else compiled
+    l2 = method == "local" and canonical_method(engine_method) in L2_METHODS
     rho, widths = [float(radius)], []
     box = None
     for i in range(chain.num_steps):
         centre = traj[i].reshape(1, -1)
         in_set = lp_ball(centre, rho[-1], p=2) if method == "local" or box is None else box
         kind = type(in_set).__name__
-        if kind not in compiled or compiled[kind].step is not chain.step or compiled[kind].precision != precision:
-            compiled[kind] = compile_step_bound(chain, in_set, engine_method, precision=precision)
-        out = compiled[kind](in_set, chain.inputs[i])
+        sb = compiled.get(kind)
+        if sb is None or sb.step is not chain.step or sb.precision != precision or \
+                (l2 and sb.l2_executable is None):
+            sb = compiled[kind] = compile_step_bound(chain, in_set, engine_method, precision=precision, l2=l2)
         nxt = traj[i + 1].reshape(1, -1)
-        rho.append(_box_radius(out.lower, out.upper, nxt))
-        widths.append(float(np.max(np.asarray(out.upper, np.float64) - np.asarray(out.lower, np.float64))) / 2)
-        box = Box(out.lower, out.upper)
+        if l2:
+            r2, lo, hi = l2_step_radius(sb, in_set, chain.inputs[i], nxt)
+            rho.append(min(r2, _box_radius(lo, hi, nxt)))
+        else:
+            out = sb(in_set, chain.inputs[i])
+            lo, hi = out.lower, out.upper
+            rho.append(_box_radius(lo, hi, nxt))
+        widths.append(float(np.max(np.asarray(hi, np.float64) - np.asarray(lo, np.float64))) / 2)
+        box = Box(lo, hi)
         if progress is not None:
             progress()
     return rho, widths
@@ -774,7 +851,7 @@ def _bisect_radius(holds: Callable[[float], bool], start: float, iters: int) -> 
 
 def lipschitz_report(chain: Chain, method: str, radius: float,
                      eps_lipschitz: Callable[[int], tuple[float, float]] | None = None,
-                     engine_method: str = "crown-forward", distance: float | None = None,
+                     engine_method: str = "zonotope", distance: float | None = None,
                      key: jax.Array | None = None, bisect_iters: int = 6,
                      progress: Callable | None = None, compiled: dict | None = None,
                      precision: str = PRECISION, decision: LinearDecision | None = None) -> LipschitzReport:

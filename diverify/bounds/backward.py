@@ -211,6 +211,21 @@ def refined_by_crown(graph: Graph) -> set[int]:
             and math.prod(graph.avals[node.inputs[0]].shape) <= REFINE_LIMIT}
 
 
+def forward_forms(graph: Graph, input_sets, method: str, output_forms: bool = False):
+    """:func:`diverify.bounds.zonotope.propagate` for ``method`` ``"forward"`` or ``"zonotope"``, the
+    latter with the normalisation variances tightened by CROWN (:func:`refined_by_crown`);
+    ``output_forms`` as there."""
+    refine = None
+    if method == "zonotope":
+        targets = refined_by_crown(graph)
+
+        def refine(vid, idx, env):
+            return crown_interval(graph, vid, env, input_sets, idx) if vid in targets else None
+
+    return zonotope.propagate(graph, input_sets, fresh_errors=method == "zonotope", refine=refine,
+                              output_forms=output_forms)
+
+
 def intermediate_bounds(graph: Graph, input_sets, method: str = "crown"):
     """Intervals of every value (dict id -> (l, u)) and the per-node domain flags.
 
@@ -225,14 +240,7 @@ def intermediate_bounds(graph: Graph, input_sets, method: str = "crown"):
     the normalisation variances tightened by CROWN (:func:`refined_by_crown`).
     """
     if method in ("forward", "zonotope"):
-        refine = None
-        if method == "zonotope":
-            targets = refined_by_crown(graph)
-
-            def refine(vid, idx, env):
-                return crown_interval(graph, vid, env, input_sets, idx) if vid in targets else None
-
-        return zonotope.propagate(graph, input_sets, fresh_errors=method == "zonotope", refine=refine)
+        return forward_forms(graph, input_sets, method)
     env = dict(zip(graph.inputs, [s.interval() for s in input_sets]))
     needed = needs_bounds(graph) if method == "crown" else set()
     flags = []

@@ -65,6 +65,7 @@ from diverify.bounds.graph import Const, Graph, Node
 from diverify.bounds.interval import intersect, node_interval
 from diverify.bounds.ops import kind, linear_part, linear_radius
 from diverify.bounds.synthetic import simplex_weights
+from diverify.specs import Box, LpBall
 
 #: Nodes of at most this many elements turn their slack into fresh error symbols at once.
 FRESH_LIMIT = 4096
@@ -311,13 +312,15 @@ def _last_uses(graph: Graph) -> dict:
     return last
 
 
-def propagate(graph: Graph, input_sets, fresh_errors: bool = True, refine=None):
+def propagate(graph: Graph, input_sets, fresh_errors: bool = True, refine=None, output_forms: bool = False):
     """Bounds of every value: returns (intervals id -> (l, u), domain flags).
 
     ``fresh_errors=True`` is the zonotope method; ``False`` keeps every
     relaxation's error in the interval slack (the forward method).
     ``refine(vid, producer_index, env)``, when given, returns a second sound
     interval of value ``vid`` (or None), intersected with the zonotope's.
+    ``output_forms=True`` also returns the forms of the graph's outputs (None for
+    a constant output) and their symbol blocks: (env, flags, forms, blocks).
     """
     blocks = _Blocks({}, {})
     forms: dict = {}
@@ -372,4 +375,40 @@ def propagate(graph: Graph, input_sets, fresh_errors: bool = True, refine=None):
             better = None if refine is None else refine(vid, idx, env)
             if better is not None:
                 env[vid] = intersect(env[vid], better)
+    if output_forms:
+        return env, flags, [None if isinstance(v, Const) else forms[v] for v in graph.outputs], blocks
     return env, flags
+
+
+def l2_parts(v: Zonotope, blocks: _Blocks):
+    """``v`` as ``centre + sum_b M_b u_b + e`` with ``||u_b||_2 <= 1`` and ``|e| <= halfwidth``
+    (elementwise): returns (centre, halfwidth, [M_b]) with ``M_b`` of shape (v.size, n_b).
+
+    Each input block whose set is one l2 ball (:class:`~diverify.specs.LpBall`, p = 2, a single
+    unmasked ball) gives ``M_b = eps T_b^T`` and its centre's image; a :class:`~diverify.specs.Box`
+    input block, the error blocks and the slack are boxed (exact for a one-point box). Then, for
+    any point ``ref``, ``||v - ref||_2 <= sum_b ||M_b||_2 + || |centre - ref| + halfwidth ||_2``: the
+    l2 geometry of the ball is kept, where the box around ``v`` would cost up to sqrt(v.size) in
+    its corner. Other input sets are a ValueError.
+    """
+    shape = tuple(v.offset.shape)
+    n = math.prod(shape)
+    centre = (v.offset + (v.slack_lo + v.slack_hi) / 2).reshape(-1)
+    half = ((v.slack_hi - v.slack_lo) / 2).reshape(-1)
+    mats = []
+    for b, t in v.terms.items():
+        rows = t.reshape((-1, n))
+        if blocks.is_error(b):
+            half = half + jnp.sum(jnp.abs(rows), axis=0)
+            continue
+        s = blocks.sets[b]
+        if isinstance(s, LpBall) and float(s.p) == 2.0 and math.prod(s.center.shape[:-1]) == 1:
+            centre = centre + s.center.reshape(-1) @ rows
+            mats.append(jnp.transpose(rows * (s.mask.reshape(-1, 1) * s.eps)))
+        elif isinstance(s, Box):
+            mid, rad = ((s.upper + s.lower) / 2).reshape(-1), ((s.upper - s.lower) / 2).reshape(-1)
+            centre = centre + mid @ rows
+            half = half + rad @ jnp.abs(rows)
+        else:
+            raise ValueError(f"l2_parts needs l2-ball or box input sets, got {type(s).__name__}")
+    return centre, half, mats

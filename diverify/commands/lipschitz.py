@@ -17,7 +17,8 @@ Bounds how much the final sample x_0 can move when the noise seed x_T moves by r
   global  product over steps of per-step global Lipschitz bounds (per-layer operator
           norms; UNets without attention, or the mixture); also w.r.t. the class weights
   local   the bound engine bounds each step over an l2 ball around the clean
-          trajectory; the ball radius is carried from step to step
+          trajectory; the ball radius is carried from step to step (zonotope and
+          forward carry it through the spectral norm of the step's linear part)
   reach   the engine's output box of each step is the next step's input set
           (local and reach trace and compile one bound for all T steps, in float32
           by default; --precision float64 removes float32's padding floor but is
@@ -58,9 +59,9 @@ def register(subparsers) -> None:
                         help="also find the certified and the empirical radius keeping x_0 within D")
     parser.add_argument("--keep-decision", action="store_true",
                         help="certify the radius that keeps the classifier's decision on x_0 (instead of --distance)")
-    parser.add_argument("--engine-method", default="crown-forward",
+    parser.add_argument("--engine-method", default="zonotope",
                         help="bound-engine method for local/reach: ibp, forward, zonotope, crown-ibp, crown-forward, "
-                             "crown-zonotope, crown, alpha-crown (default crown-forward)")
+                             "crown-zonotope, crown, alpha-crown (default zonotope)")
     parser.add_argument("--precision", choices=("float32", "float64"), default="float32",
                         help="arithmetic of the bound engine for local/reach (default float32; float64 pads at "
                              "~1e-16 relative where a UNet's GroupNorms amplify float32's ~1e-6 padding floor until "

@@ -150,3 +150,42 @@ def test_crown_refined_variances_are_no_looser_and_keep_the_bound_sound(tiny_ber
     w = lambda r: float(np.mean(np.asarray(r.output.upper - r.output.lower)))  # noqa: E731
     assert w(refined) <= w(plain)
     check_sound(fn, ball, refined.output, jax.random.PRNGKey(3), n=64, attack_directions=2)
+
+
+@pytest.mark.parametrize("method", ["forward", "zonotope"])
+def test_l2_parts_keep_the_ball_geometry(method):
+    """Over a small l2 ball the output's affine form bounds ||f(x) - f(c)|| by about ||J||_2 eps (the
+    spectral norm), where the box around the output only gives its corner, about ||J||_F eps; sampled
+    points on the sphere and gradient-ascent points never exceed the bound."""
+    import jax.numpy as jnp
+
+    from diverify.bounds import backward, zonotope
+    from diverify.lipschitz import sphere_ascent
+    from diverify.specs import lp_ball
+
+    d, eps = 16, 1e-3
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(11), 3)
+    w1 = jax.random.normal(k1, (d, 32)) / np.sqrt(d)
+    w2 = jax.random.normal(k2, (32, d)) / np.sqrt(32)
+    fn = lambda x: x + jnp.tanh(x @ w1) @ w2  # noqa: E731
+    c = jax.random.normal(k3, (1, d))
+    ball = lp_ball(c, eps, p=2)
+    bf = compile_bounds(fn, ball, method=method)
+    env, flags, forms, blocks = backward.forward_forms(bf.graph, [ball], method, output_forms=True)
+    assert all(bool(f) for f in flags)
+    centre, half, mats = zonotope.l2_parts(forms[0], blocks)
+    ref = np.asarray(fn(c), np.float64).reshape(-1)
+    bound = sum(np.linalg.norm(np.asarray(m, np.float64), 2) for m in mats) + \
+        np.linalg.norm(np.abs(np.asarray(centre, np.float64) - ref) + np.asarray(half, np.float64))
+    jac = np.asarray(jax.jacfwd(lambda x: fn(x[None])[0])(c[0]), np.float64)
+    lo, hi = (np.asarray(v, np.float64).reshape(-1) for v in env[bf.graph.outputs[0]])
+    corner = np.linalg.norm(np.maximum(hi - ref, ref - lo))
+    assert bound <= 1.05 * np.linalg.norm(jac, 2) * eps
+    assert corner >= 0.95 * np.linalg.norm(jac) * eps and corner > 1.5 * bound
+    dirs = np.asarray(jax.random.normal(jax.random.PRNGKey(12), (500, d)))
+    points = np.asarray(c) + eps * dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
+    sampled = np.linalg.norm(np.asarray(jax.vmap(lambda x: fn(x[None])[0])(points), np.float64) - ref, axis=1)
+    ascent = jax.jit(jax.value_and_grad(lambda dx: jnp.linalg.norm(fn(c + dx) - fn(c))))
+    attacked = sphere_ascent(ascent, c, eps, jax.random.PRNGKey(13), steps=30)
+    assert max(sampled.max(), attacked) <= bound
+    assert attacked >= 0.99 * np.linalg.norm(jac, 2) * eps  # the bound is within 5% of an attained value

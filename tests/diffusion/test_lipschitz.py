@@ -67,16 +67,18 @@ def test_unequal_stds_have_no_global_bound():
         L.gmm_eps_lipschitz(mix, 0.5)
 
 
-@pytest.mark.parametrize("method,precision", [("local", "float64"), ("reach", "float64"), ("reach", "float32")])
-def test_engine_radii_contain_sampled_trajectories(method, precision):
+@pytest.mark.parametrize("method,precision,engine", [("local", "float64", "ibp"), ("reach", "float64", "ibp"),
+                                                     ("reach", "float32", "ibp"), ("local", "float32", "zonotope")])
+def test_engine_radii_contain_sampled_trajectories(method, precision, engine):
     """Every sampled trajectory from the x_T ball stays within rho_i of the clean one at every step, and
-    sampled points on the sphere (pairs with x̄_T) stay under the certified expansion rho_T / r."""
+    sampled points on the sphere (pairs with x̄_T) stay under the certified expansion rho_T / r.
+    With the zonotope, local carries each radius through the spectral norm of the step's affine form."""
     mix, schedule = mixture(2), sch.ddim_schedule(NOISE, 2)
     x_T = jnp.array([[0.03, 0.4]], jnp.float32)
     chain = L.make_chain(G.gmm_eps, mix, None, schedule, x_T)
     radius = 0.05
     compiled = {}
-    rho, _ = L.engine_chain(chain, radius, method, "ibp", compiled=compiled, precision=precision)
+    rho, _ = L.engine_chain(chain, radius, method, engine, compiled=compiled, precision=precision)
     assert all(b.precision == precision for b in compiled.values())
     # One traced and compiled bound serves every step (a ball for local; a ball then boxes for reach).
     assert len(compiled) == (1 if method == "local" else 2)
