@@ -277,6 +277,8 @@ def test_cli_json_and_errors(tmp_path, capsys):
     result = json.loads(text)
     assert {"per_step", "cumulative", "empirical_lower", "method", "seconds"} <= set(result)
     assert len(result["per_step"]) == 3 and result["cumulative"] >= result["empirical_lower"] > 0
+    code, text = run_cli(["lipschitz", "--denoiser", "gmm", "--steps", "3", "--method", "global", "--keep-decision"])
+    assert code == 0 and "radius keeping the classifier's decision (class" in text
     missing = str(tmp_path / "missing")
     for argv, message in [(["--denoiser", "gmm", "--radius", "-1"], "radius"),
                           (["--denoiser", "gmm", "--method", "spectral"], "unknown --method"),
