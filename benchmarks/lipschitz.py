@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--diagnose", action="store_true", help="where the intervals widen at step 0 (no chain)")
     parser.add_argument("--memory-limit-gib", type=float, default=None,
                         help="with --diagnose: refuse a step bound XLA estimates above this (default: device memory)")
+    parser.add_argument("--eager", action="store_true", help="the engine op by op (no whole-program XLA compile)")
     parser.add_argument("--keep-decision", action="store_true",
                         help="also the certified radius keeping the classifier's decision (see above)")
     parser.add_argument("--out", type=Path, default=None)
@@ -174,7 +175,7 @@ def main() -> None:
                 try:
                     rep = lipschitz_report(chain, method, radius, lip, engine_method,
                                            compiled=caches.get(engine_method), precision=args.precision,
-                                           decision=decision)
+                                           decision=decision, eager=args.eager)
                     row = dict(log10_certified=rep.log10_cumulative, empirical_lower=rep.empirical_lower,
                                chain_jacobian=rep.empirical_chain_jacobian,
                                log10_ratio=rep.log10_cumulative - float(np.log10(rep.empirical_lower)),

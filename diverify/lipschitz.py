@@ -486,6 +486,7 @@ class StepBound:
     memory_bytes: int
     precision: str = PRECISION
     l2_executable: Any = None
+    eager: bool = False
 
     def raw(self, in_set, k_box):
         """The unchecked :class:`~diverify.bounds.api.BoundResult` (intermediates, node_ok) for ``k_box``."""
@@ -551,7 +552,8 @@ def l2_step_radius(sb: StepBound, ball: Any, k: jax.Array, reference: Any) -> tu
 
 
 def compile_step_bound(chain: Chain, in_set: Any, engine_method: str,
-                       memory_limit: int | None = None, precision: str = PRECISION, l2: bool = False) -> StepBound:
+                       memory_limit: int | None = None, precision: str = PRECISION, l2: bool = False,
+                       eager: bool = False) -> StepBound:
     """Trace and compile the bound of the step map for sets like ``in_set``, in ``precision``
     (``"float32"`` or ``"float64"``, see the module docstring); with ``l2`` (an l2 ball and an
     engine method of :data:`L2_METHODS`) also the output's affine form for :func:`l2_step_radius`.
@@ -559,6 +561,10 @@ def compile_step_bound(chain: Chain, in_set: Any, engine_method: str,
     XLA's own memory analysis of the compiled bound is checked against ``memory_limit``
     (default: the device's memory) before anything runs: a problem too large for the machine is a
     :class:`DiverifyError` that states the estimate, never an out-of-memory crash.
+    ``eager``: trace only, and run the bound op by op (JAX compiles and caches each operation
+    on first use) instead of compiling it as one XLA program; no memory estimate then. On the
+    digits UNet in float64 the whole-program compilation did not finish in 45 min, while op by op
+    the first step takes minutes and the next ones reuse every compiled operation.
     """
     from diverify.bounds.api import compile_bounds
     from diverify.specs import Box
@@ -572,14 +578,16 @@ def compile_step_bound(chain: Chain, in_set: Any, engine_method: str,
     k = chain.inputs[:1]
     start = time.perf_counter()
     bf = compile_bounds(flat, in_set, Box(k, k), method=engine_method, precision=precision)
-    with bf.context():
-        if l2:  # the l2 parts include the output box: one executable serves both
-            exe, l2_exe = None, jax.jit(_l2_parts_function(bf)).lower(in_set, Box(k, k)).compile()
-        else:
-            exe, l2_exe = jax.jit(bf.unchecked).lower(in_set, Box(k, k)).compile(), None
+    # With l2 the parts include the output box: one function serves both.
+    run = _l2_parts_function(bf) if l2 else bf.unchecked
+    need = 0
+    if not eager:
+        with bf.context():
+            run = jax.jit(run).lower(in_set, Box(k, k)).compile()
+        mem = run.memory_analysis()
+        need = 0 if mem is None else int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes)
+    exe, l2_exe = (None, run) if l2 else (run, None)
     seconds = time.perf_counter() - start
-    mem = (exe or l2_exe).memory_analysis()
-    need = 0 if mem is None else int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes)
     limit = _available_bytes() if memory_limit is None else memory_limit
     if need > limit:
         raise DiverifyError(
@@ -587,14 +595,15 @@ def compile_step_bound(chain: Chain, in_set: Any, engine_method: str,
             f"{int(np.prod(shape))} perturbed inputs through {len(bf.graph.nodes)} operations), more than the "
             f"{limit / 2 ** 30:.1f} GiB available: the problem is too large for this method here (try "
             "--engine-method ibp, a smaller model or a machine with more memory)")
-    return StepBound(step, bf, exe, seconds, need, precision, l2_exe)
+    return StepBound(step, bf, exe, seconds, need, precision, l2_exe, eager)
 
 
 def engine_chain(chain: Chain, radius: float, method: str, engine_method: str = "zonotope",
                  trajectory: list | None = None, compiled: dict | None = None,
-                 progress: Callable | None = None, precision: str = PRECISION) -> tuple[list[float], list[float]]:
+                 progress: Callable | None = None, precision: str = PRECISION,
+                 eager: bool = False) -> tuple[list[float], list[float]]:
     """Radii rho_0 = radius, rho_1, ..., rho_T of the ``local`` (balls) or ``reach`` (boxes) propagation,
-    the engine computing in ``precision``.
+    the engine computing in ``precision`` (op by op with ``eager``, see :func:`compile_step_bound`).
 
     Returns (rho, box_widths): ``box_widths[i]`` is the largest half-width of step i's output box.
     ``compiled`` caches the :class:`StepBound` per kind of input set (one for all steps and radii, and
@@ -614,9 +623,10 @@ def engine_chain(chain: Chain, radius: float, method: str, engine_method: str = 
         in_set = lp_ball(centre, rho[-1], p=2) if method == "local" or box is None else box
         kind = type(in_set).__name__
         sb = compiled.get(kind)
-        if sb is None or sb.step is not chain.step or sb.precision != precision or \
+        if sb is None or sb.step is not chain.step or sb.precision != precision or sb.eager != eager or \
                 (l2 and sb.l2_executable is None):
-            sb = compiled[kind] = compile_step_bound(chain, in_set, engine_method, precision=precision, l2=l2)
+            sb = compiled[kind] = compile_step_bound(chain, in_set, engine_method, precision=precision, l2=l2,
+                                                     eager=eager)
         nxt = traj[i + 1].reshape(1, -1)
         if l2:
             r2, lo, hi = l2_step_radius(sb, in_set, chain.inputs[i], nxt)
@@ -854,7 +864,8 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
                      engine_method: str = "zonotope", distance: float | None = None,
                      key: jax.Array | None = None, bisect_iters: int = 6,
                      progress: Callable | None = None, compiled: dict | None = None,
-                     precision: str = PRECISION, decision: LinearDecision | None = None) -> LipschitzReport:
+                     precision: str = PRECISION, decision: LinearDecision | None = None,
+                     eager: bool = False) -> LipschitzReport:
     """Bounds of ``method`` for ``chain`` over the l2 ball of ``radius`` around its x_T (local/reach: the
     engine computing in ``precision``).
 
@@ -863,7 +874,8 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
     for local/reach by bisection on the propagated radius) and the attack's
     radius are computed too. ``decision`` (instead of ``distance``): the distance is the clean x̄_0's
     distance to the decision boundary, and the attack tries to change the decision.
-    ``compiled``: a cache of step bounds (see :func:`engine_chain`).
+    ``compiled``: a cache of step bounds (see :func:`engine_chain`); ``eager``: the engine op by op
+    (:func:`compile_step_bound`).
     """
     if method not in METHODS:
         raise DiverifyError(f"unknown Lipschitz method {method!r}: choose one of {', '.join(METHODS)}")
@@ -896,7 +908,7 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
     else:
         compiled = {} if compiled is None else compiled
         cached = {id(b) for b in compiled.values()}
-        radii, _ = engine_chain(chain, radius, method, engine_method, traj, compiled, progress, precision)
+        radii, _ = engine_chain(chain, radius, method, engine_method, traj, compiled, progress, precision, eager)
         per_step = [radii[i + 1] / radii[i] if radii[i] > 0 else 0.0 for i in range(chain.num_steps)]
         cumulative = radii[-1] / radius
         log_cumulative = math.log10(cumulative) if cumulative > 0 else -math.inf
@@ -904,7 +916,7 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
             def holds(r):
                 try:
                     return engine_chain(chain, r, method, engine_method, traj, compiled,
-                                        precision=precision)[0][-1] <= distance
+                                        precision=precision, eager=eager)[0][-1] <= distance
                 except DiverifyError:
                     return False
             cert_radius = _bisect_radius(holds, radius, bisect_iters)

@@ -57,6 +57,9 @@ def register(subparsers) -> None:
                         help="l2 radius of the x_T ball for local/reach and the attack (default 0.01)")
     parser.add_argument("--distance", type=float, default=None, metavar="D",
                         help="also find the certified and the empirical radius keeping x_0 within D")
+    parser.add_argument("--eager", action="store_true",
+                        help="run the local/reach bound op by op instead of compiling it as one XLA program "
+                             "(for large models in float64, whose whole-program compilation can take hours)")
     parser.add_argument("--keep-decision", action="store_true",
                         help="certify the radius that keeps the classifier's decision on x_0 (instead of --distance)")
     parser.add_argument("--engine-method", default="zonotope",
@@ -194,7 +197,7 @@ def run(args) -> int:
         progress = bar.update
     report = lipschitz_report(chain, args.method, args.radius, lip, args.engine_method, args.distance,
                               jax.random.PRNGKey(args.seed), progress=progress, precision=args.precision,
-                              decision=decision)
+                              decision=decision, eager=args.eager)
     if bar is not None:
         bar.close()
     if args.plot:
