@@ -22,7 +22,7 @@ Bounds how much the final sample x_0 can move when the noise seed x_T moves by r
   reach   the engine's output box of each step is the next step's input set
           (local and reach trace and compile one bound for all T steps, in float32
           by default; --precision float64 removes float32's padding floor but is
-          far slower to compile and run on a UNet)
+          far slower on a UNet: add --eager there, which runs the bound op by op)
 
 Each certified number is printed next to an empirical lower bound (Jacobian power
 iteration and a gradient attack). With --distance d, the certified radius in x_T
