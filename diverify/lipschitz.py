@@ -496,17 +496,28 @@ class StepBound:
             return self.executable(in_set, k_box)
 
     def __call__(self, in_set, k):
+        from diverify.bounds.interval import IntervalBound
+        from diverify.specs import Box
+
+        if self.executable is None:  # compiled for l2 only: its parts carry the same output box
+            *_, lo, hi = self.l2_parts(in_set, k)
+            return IntervalBound(lo, hi)
+        k = k[None]
+        return self.bound_function._checked(self.raw(in_set, Box(k, k))).output
+
+    def l2_parts(self, ball, k):
+        """(centre, halfwidth, [M_b], lo, hi) of the step's output over ``ball`` (see
+        :func:`_l2_parts_function`), checked like every bound: a relaxation outside its domain raises."""
         from diverify.bounds.api import BoundResult
         from diverify.bounds.interval import IntervalBound
         from diverify.specs import Box
 
         k = k[None]
-        if self.executable is None:  # compiled for l2 only: its parts carry the same output box
-            with self.bound_function.context():
-                *_, lo, hi, ok = self.l2_executable(in_set, Box(k, k))
-            bf = self.bound_function
-            return bf._checked(BoundResult(IntervalBound(lo, hi), {}, ok, bf.method, bf.method)).output
-        return self.bound_function._checked(self.raw(in_set, Box(k, k))).output
+        bf = self.bound_function
+        with bf.context():
+            *parts, ok = self.l2_executable(ball, Box(k, k))
+        bf._checked(BoundResult(IntervalBound(parts[3], parts[4]), {}, ok, bf.method, bf.method))
+        return parts
 
 
 def _l2_parts_function(bf: Any) -> Callable:
@@ -534,21 +545,14 @@ def l2_step_radius(sb: StepBound, ball: Any, k: jax.Array, reference: Any) -> tu
     by ~n^2 ulp) and the sum rounded up to float32. Also returns the engine's output box (lo, hi).
     Where the step is nearly linear this is ||J||_2 r plus second-order terms; the box's farthest corner
     (:func:`_box_radius`) is ||J||_F r at best."""
-    from diverify.bounds.api import BoundResult
-    from diverify.bounds.interval import IntervalBound
-    from diverify.specs import Box
-
-    kb = k[None]
-    with sb.bound_function.context():
-        centre, half, mats, lo, hi, ok = sb.l2_executable(ball, Box(kb, kb))
-    bf = sb.bound_function
-    bf._checked(BoundResult(IntervalBound(lo, hi), {}, ok, bf.method, bf.method))
+    centre, half, mats, lo, hi = sb.l2_parts(ball, k)
     ref = np.asarray(reference, np.float64).reshape(-1)
     spread = np.abs(np.asarray(centre, np.float64) - ref) + np.asarray(half, np.float64)
     total = sum(float(np.linalg.norm(np.asarray(m, np.float64), 2)) * (1 + 1e-10) for m in mats)
     r = (total + float(np.linalg.norm(spread))) * (1 + 1e-12)
     if not math.isfinite(r):
-        raise DiverifyError(f"the {bf.method} bound of a step is not finite: the radius is too large for this method")
+        raise DiverifyError(f"the {sb.bound_function.method} bound of a step is not finite: the radius is too large "
+                            "for this method")
     r32 = np.float32(r)
     return float(r32 if float(r32) >= r else np.nextafter(r32, np.float32(np.inf))), lo, hi
 

@@ -98,6 +98,10 @@ def test_engine_radii_contain_sampled_trajectories(method, precision, engine):
     ratio = L.attack_ratio(objective, x_T, f(x_T), radius, jax.random.PRNGKey(0))
     ends = np.asarray(fmap(jnp.asarray(points, jnp.float32)))
     assert np.max(np.linalg.norm(ends - clean, axis=1)) <= rho[-1]
+    if engine == "zonotope":  # reach's first ball reuses local's step bound, compiled for the l2 parts only
+        reach, _ = L.engine_chain(chain, radius, "reach", engine, compiled=compiled, precision=precision)
+        assert compiled["LpBall"].executable is None
+        assert np.max(np.linalg.norm(ends - clean, axis=1)) <= reach[-1]
     assert ratio * radius <= rho[-1]
     pair_ratios = np.linalg.norm(ends[:200] - clean, axis=1) / np.linalg.norm(points[:200] - np.asarray(x_T), axis=1)
     assert np.max(pair_ratios) <= rho[-1] / radius
