@@ -75,6 +75,12 @@ def evaluate_float64(fn, pts):
         return np.asarray(jax.vmap(fn)(jnp.asarray(pts, jnp.float64)))
 
 
+def device_peak_gib() -> float | None:
+    """Peak memory in use on the accelerator so far in this process (None where JAX does not track it, e.g. CPU)."""
+    peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+    return None if peak is None else peak / 2 ** 30
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.unsound_rel_pad is not None:
@@ -120,7 +126,8 @@ def main(argv=None):
             lo, hi = np.asarray(res.output.lower), np.asarray(res.output.upper)
             row.update(mean_width=float(np.mean(hi - lo)), ratio=float(np.mean(hi - lo)) / true_lower,
                        violation=float(max((lo - ys).max(), (ys - hi).max())), seconds=seconds,
-                       compile_seconds=compile_seconds, intermediate=res.intermediate_method)
+                       compile_seconds=compile_seconds, intermediate=res.intermediate_method,
+                       device_peak_gib=device_peak_gib())
             rows.append(row)
     print(f"device: {jax.devices()[0].platform}")
     if args.unsound_rel_pad is not None:
@@ -128,14 +135,16 @@ def main(argv=None):
     for r in rows:
         if r.get("precision") == "float64":
             r["method_label"] = f"{r['method']} (f64)"
-    print(f"{'method':<28} {'eps':>7} {'mean width':>11} {'true >=':>9} {'ratio':>7} {'viol':>9} {'bound s':>8} {'compile s':>9}")
+    print(f"{'method':<28} {'eps':>7} {'mean width':>11} {'true >=':>9} {'ratio':>7} {'viol':>9} {'bound s':>8} "
+          f"{'compile s':>9} {'peak GiB':>8}")
     for r in rows:
         if "error" in r:
             print(f"{r.get('method_label', r['method']):<28} {r['eps']:>7.0e}  error: {r['error'][:70]}")
             continue
         f = lambda k, fmt: format(r[k], fmt) if r.get(k) is not None else "-"  # noqa: E731
         print(f"{r.get('method_label', r['method']):<28} {r['eps']:>7.0e} {f('mean_width', '11.5g')} {f('true_range_lower', '9.4g')} "
-              f"{f('ratio', '7.2f')} {f('violation', '9.1e')} {f('seconds', '8.3f')} {f('compile_seconds', '9.1f')}")
+              f"{f('ratio', '7.2f')} {f('violation', '9.1e')} {f('seconds', '8.3f')} {f('compile_seconds', '9.1f')} "
+              f"{f('device_peak_gib', '8.1f')}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": jax.devices()[0].platform, "rows": rows}, indent=1))

@@ -182,11 +182,9 @@ def main() -> None:
                                cond_certified=rep.cond_cumulative, log10_cond_certified=rep.log10_cond_cumulative,
                                seconds=rep.seconds, compile_seconds=rep.compile_seconds, error=None)
                     if decision is not None:
-                        log_r = None if rep.certified_radius is None else (
-                            float(np.log10(rep.distance)) - rep.log10_cumulative if method == "global"
-                            else float(np.log10(rep.certified_radius)) if rep.certified_radius > 0 else None)
                         row.update(decision_label=rep.decision_label, boundary_distance=rep.distance,
-                                   certified_radius=rep.certified_radius, log10_certified_radius=log_r,
+                                   certified_radius=rep.certified_radius,
+                                   log10_certified_radius=rep.log10_certified_radius,
                                    attack_radius=rep.empirical_radius,
                                    cond_certified_radius=rep.cond_certified_radius)
                 except DiverifyError as err:

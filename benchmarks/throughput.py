@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bound_tightness import device_peak_gib
 from diverify import cmav
 from diverify.bounds import compile_bounds
 from diverify.models import load_text_encoder
@@ -129,7 +130,7 @@ def main(argv=None):
               "prompts": n, "prompts_asked": args.prompts, "tokens": int(length), "batch": size, "compile_seconds": compile_seconds,
               "seconds": seconds, "certificates_per_second": n / seconds, "certified": int(certified.sum()),
               "threshold": args.threshold, "mean_upper_minus_clean": float(np.mean(upper - clean)),
-              "checks": checks}
+              "checks": checks, "device_peak_gib": device_peak_gib()}
     print(f"| {result['device']} | {enc.name} | {args.method} | {n} | {length} | {size} | {compile_seconds:.1f} | "
           f"{seconds:.1f} | {n / seconds:.3f} | {int(certified.sum())}/{n} |")
     out = Path(args.out)

@@ -525,11 +525,8 @@ def _l2_parts_function(bf: Any) -> Callable:
     (:func:`diverify.bounds.zonotope.l2_parts`; lo/hi the engine's box of the same output)."""
     from diverify.bounds import backward, zonotope
 
-    dtype = jnp.float64 if bf.precision == "float64" else jnp.float32
-
     def parts(in_set, k_box):
-        sets = jax.tree_util.tree_map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
-                                      [in_set, k_box])
+        sets = bf.engine_sets(in_set, k_box)
         env, flags, forms, blocks = backward.forward_forms(bf.graph, sets, bf.method, output_forms=True)
         centre, half, mats = zonotope.l2_parts(forms[0], blocks)
         lo, hi = env[bf.graph.outputs[0]]
@@ -824,6 +821,25 @@ class LipschitzReport:
     decision_label: int | None = None
     cond_certified_radius: float | None = None
     log10_cond_cumulative: float | None = None
+
+    @property
+    def log10_certified_radius(self) -> float | None:
+        """log10 of ``certified_radius``, finite also where it underflows float64 (global:
+        log10(distance) - ``log10_cumulative``); None when no radius is certified."""
+        return _log10_radius(self.certified_radius, self.distance, self.log10_cumulative, self.method)
+
+    @property
+    def log10_cond_certified_radius(self) -> float | None:
+        """log10 of ``cond_certified_radius`` (global), finite where it underflows float64."""
+        return _log10_radius(self.cond_certified_radius, self.distance, self.log10_cond_cumulative, self.method)
+
+
+def _log10_radius(radius, distance, log10_bound, method: str) -> float | None:
+    if radius is None or not distance:
+        return None
+    if method == "global" and log10_bound is not None and math.isfinite(log10_bound):
+        return math.log10(distance) - log10_bound
+    return math.log10(radius) if radius > 0 else None
 
 
 def _global(chain: Chain, eps_lipschitz: Callable[[int], tuple[float, float]]):

@@ -20,6 +20,8 @@ import numpy as np
 from diverify.errors import DiverifyError
 
 Array = jax.Array
+#: Products in concretisation run at full float32 precision (a GPU's default uses TF32).
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class InputSet(Protocol):
@@ -146,7 +148,7 @@ class Substitution:
     def minimize_linear(self, a: Array) -> Array:
         fixed = self.base.at[..., self.positions, :].set(0.0)
         at_positions = a[..., self.positions, :]  # (S, ..., P, H)
-        scores = jnp.einsum("s...ph,pkh->s...pk", at_positions, self.candidates)
+        scores = jnp.einsum("s...ph,pkh->s...pk", at_positions, self.candidates, precision=HIGHEST)
         best = jnp.min(scores, axis=-1)
         return _sum_rows(a * fixed) + _sum_rows(best)
 
@@ -269,7 +271,7 @@ class DenseImage:
 
     @property
     def center(self) -> Array:
-        return self.x @ self.ball.center
+        return jnp.matmul(self.x, self.ball.center, precision=HIGHEST)
 
     def interval(self) -> tuple[Array, Array]:
         r = self.ball.image_radius(self.x)
@@ -277,9 +279,10 @@ class DenseImage:
 
     def minimize_linear(self, a: Array) -> Array:
         if self.ball.norm == "inf":
-            return jax.lax.map(lambda b: self.ball.minimize_linear(jnp.einsum("lo,li->io", b, self.x)[None])[0],
-                               a, batch_size=16)
-        reduced = jnp.einsum("slo,kl->sko", a, self.r_factor)
+            def one(b):
+                return self.ball.minimize_linear(jnp.einsum("lo,li->io", b, self.x, precision=HIGHEST)[None])[0]
+            return jax.lax.map(one, a, batch_size=16)
+        reduced = jnp.einsum("slo,kl->sko", a, self.r_factor, precision=HIGHEST)
         b_fro = jnp.sqrt(jnp.sum(a * a, axis=(1, 2)))
         pad = _SPECTRAL_PADDING * jnp.sqrt(jnp.sum(self.x * self.x)) * b_fro
         dual = self.ball.dual_norms(reduced) + pad

@@ -300,9 +300,13 @@ class BoundFunction:
         """Ahead-of-time compiled bound functions, by input structure and shapes."""
         return {}
 
+    def engine_sets(self, *sets) -> list:
+        """The input sets with every floating leaf in the engine's dtype (``precision``)."""
+        return _promote(list(sets), _dtype(self.precision))
+
     def unchecked(self, *sets) -> BoundResult:
         """The bound as a pure function (float64: call it inside :meth:`context`)."""
-        sets = _promote(list(sets), _dtype(self.precision))
+        sets = self.engine_sets(*sets)
         outputs, intermediates, node_ok = _run(self.graph, self.method, self.spec, self.alpha_steps, self.alpha_lr, sets)
         outputs = [IntervalBound(*_outward_float32(b.lower, b.upper)) for b in outputs]
         intermediates = {k: IntervalBound(*_outward_float32(b.lower, b.upper)) for k, b in intermediates.items()}

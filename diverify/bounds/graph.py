@@ -11,6 +11,11 @@ ordered list of :class:`Node`. Only ``jax.make_jaxpr`` and the types of
 Each node is either a JAX primitive (``node.primitive.bind`` evaluates it)
 or a *synthetic* op found by :mod:`diverify.bounds.synthetic` (softmax,
 GELU, ...), which the methods relax as a whole.
+
+Matrix products and convolutions are recorded at ``Precision.HIGHEST``
+(:func:`full_precision`): a GPU's default float32 product uses TF32, whose
+~1e-3 relative error is far above the roundings the relaxations pad for, so
+the engine's own products (and the constants it folds) must not use it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,24 @@ import jax.numpy as jnp
 from jax.extend import core as jcore
 
 from diverify.errors import DiverifyError
+
+#: Primitives whose ``precision`` parameter selects the arithmetic of their products.
+_PRECISION_PRIMITIVES = ("dot_general", "conv_general_dilated")
+
+
+def full_precision(name: str, params: dict) -> dict:
+    """``params`` with a product's default or reduced ``precision`` raised to ``HIGHEST``.
+
+    ``None``/``DEFAULT``/``HIGH`` let a GPU compute float32 products in TF32 or
+    bf16 passes; an explicit dot algorithm is kept as the user chose it."""
+    if name not in _PRECISION_PRIMITIVES:
+        return params
+    precision = params.get("precision")
+    if precision is None or (isinstance(precision, tuple)
+                             and all(isinstance(p, jax.lax.Precision) for p in precision)):
+        return dict(params, precision=(jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST))
+    return params
+
 
 #: Parameters under which a higher-order primitive keeps the jaxpr it calls.
 _SUBJAXPR_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
@@ -119,7 +142,8 @@ class _Builder:
             if sub is not None:
                 outs = self.inline(sub.jaxpr, sub.consts, ins)
             elif all(isinstance(v, Const) for v in ins):
-                vals = eqn.primitive.bind(*[v.value for v in ins], **eqn.params)
+                vals = eqn.primitive.bind(*[v.value for v in ins],
+                                          **full_precision(eqn.primitive.name, eqn.params))
                 vals = vals if eqn.primitive.multiple_results else [vals]
                 outs = [Const(val) for val in vals]
             else:
@@ -128,7 +152,7 @@ class _Builder:
                     Node(
                         name=eqn.primitive.name,
                         primitive=eqn.primitive,
-                        params=dict(eqn.params),
+                        params=full_precision(eqn.primitive.name, dict(eqn.params)),
                         inputs=tuple(ins),
                         outputs=tuple(outs),
                         out_avals=tuple(v.aval for v in eqn.outvars),

@@ -403,12 +403,12 @@ def l2_parts(v: Zonotope, blocks: _Blocks):
             continue
         s = blocks.sets[b]
         if isinstance(s, LpBall) and float(s.p) == 2.0 and math.prod(s.center.shape[:-1]) == 1:
-            centre = centre + s.center.reshape(-1) @ rows
+            centre = centre + jnp.matmul(s.center.reshape(-1), rows, precision=jax.lax.Precision.HIGHEST)
             mats.append(jnp.transpose(rows * (s.mask.reshape(-1, 1) * s.eps)))
         elif isinstance(s, Box):
             mid, rad = ((s.upper + s.lower) / 2).reshape(-1), ((s.upper - s.lower) / 2).reshape(-1)
-            centre = centre + mid @ rows
-            half = half + rad @ jnp.abs(rows)
+            centre = centre + jnp.matmul(mid, rows, precision=jax.lax.Precision.HIGHEST)
+            half = half + jnp.matmul(rad, jnp.abs(rows), precision=jax.lax.Precision.HIGHEST)
         else:
             raise ValueError(f"l2_parts needs l2-ball or box input sets, got {type(s).__name__}")
     return centre, half, mats

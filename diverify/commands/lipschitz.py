@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
 HELP = "certified Lipschitz bounds of the reverse diffusion chain x_T -> x_0, next to empirical lower bounds"
@@ -160,12 +159,12 @@ def _plot(report, path):
     plt.close(fig)
 
 
-def _radius(value, distance=None, log10_bound=None) -> str:
-    """A radius for people; one that underflows float64 (distance / a bound beyond 10^308) as its power of ten."""
+def _radius(value, log10_value=None) -> str:
+    """A radius for people; one that underflows float64 as its power of ten."""
     if value is None:
         return "none found"
-    if value == 0.0 and distance and log10_bound is not None and math.isfinite(log10_bound):
-        return f"0 (10^{math.log10(distance) - log10_bound:.1f})"
+    if value == 0.0 and log10_value is not None:
+        return f"0 (10^{log10_value:.1f})"
     return f"{value:.4g}"
 
 
@@ -215,7 +214,7 @@ def run(args) -> int:
           f"ratio {report.cumulative / max(report.empirical_lower, 1e-30):.3g}")
     if report.cond_cumulative is not None:
         print(f"w.r.t. the conditioning: certified {report.cond_cumulative:.4g} (log10 {report.log10_cond_cumulative:.2f})")
-    certified = _radius(report.certified_radius, report.distance, report.log10_cumulative)
+    certified = _radius(report.certified_radius, report.log10_certified_radius)
     if report.decision_label is not None:
         print(f"radius keeping the classifier's decision (class {report.decision_label}, clean x_0 at "
               f"{report.distance:.4g} from its boundary): certified {certified}   "
@@ -225,5 +224,5 @@ def run(args) -> int:
               f"attack {_radius(report.empirical_radius)}")
     if report.cond_certified_radius is not None:
         print(f"radius in the class weights keeping x_0 within {report.distance:.4g}: certified "
-              f"{_radius(report.cond_certified_radius, report.distance, report.log10_cond_cumulative)}")
+              f"{_radius(report.cond_certified_radius, report.log10_cond_certified_radius)}")
     return 0

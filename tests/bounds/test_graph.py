@@ -56,6 +56,27 @@ def test_constants_are_folded():
     assert names(lambda x: x @ (w * 2.0 + jnp.eye(3)), (2, 3)) == ["dot_general"]
 
 
+def test_products_are_recorded_at_full_precision():
+    """A GPU's default float32 product is TF32 (~1e-3 relative error): the graph raises every
+    default or reduced precision to HIGHEST, and keeps an explicit dot algorithm."""
+    w = jax.random.normal(jax.random.PRNGKey(0), (3, 4))
+    k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 2, 5))
+    highest = (jax.lax.Precision.HIGHEST,) * 2
+
+    def fn(x, y):
+        h = x @ w + jnp.dot(x, w, precision=jax.lax.Precision.DEFAULT)
+        h = h + jnp.einsum("ij,jk->ik", x, w, precision="high") + x @ y
+        img = jax.lax.conv_general_dilated(h.reshape(1, 2, 2, 2), k, (1, 1), "SAME",
+                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return img.sum() + jnp.dot(x, w, precision=jax.lax.DotAlgorithmPreset.F32_F32_F32).sum()
+
+    g = trace(fn, [jnp.ones((2, 3)), jnp.ones((3, 4))], [True, True])
+    products = [n for n in g.nodes if n.name in ("dot_general", "conv_general_dilated")]
+    assert len(products) == 6
+    assert [n.params["precision"] == highest for n in products] == [True] * 5 + [False]
+    assert products[-1].params["precision"] == jax.lax.DotAlgorithmPreset.F32_F32_F32
+
+
 def test_unsupported_primitive_names_it_and_the_user_line():
     with pytest.raises(UnsupportedPrimitiveError, match=r"'floor'.*test_graph.py"):
         bound(lambda x: jnp.floor(x), lp_ball(jnp.ones(3), 0.1))

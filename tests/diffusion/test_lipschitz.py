@@ -13,6 +13,7 @@ import pytest
 
 from diverify import lipschitz as L
 from diverify.cli import main
+from diverify.commands import lipschitz as lipschitz_command
 from diverify.diffusion import digits
 from diverify.diffusion import gmm as G
 from diverify.diffusion import schedulers as sch
@@ -244,6 +245,11 @@ def test_global_radius_in_the_class_weights_is_distance_over_the_conditioning_bo
     assert report.cond_cumulative is not None and report.log10_cond_cumulative is not None
     assert report.cond_certified_radius == pytest.approx(0.5 * 10 ** -report.log10_cond_cumulative)
     assert report.decision_label is None
+    # The powers of ten stay finite where the radii underflow float64 (a trained UNet's 10^-701).
+    assert report.log10_certified_radius == pytest.approx(math.log10(0.5) - report.log10_cumulative)
+    assert report.log10_cond_certified_radius == pytest.approx(math.log10(0.5) - report.log10_cond_cumulative)
+    assert lipschitz_command._radius(0.0, -701.34) == "0 (10^-701.3)"
+    assert lipschitz_command._radius(0.0125, -1.9) == "0.0125" and lipschitz_command._radius(None) == "none found"
 
 
 def test_unet_global_bound_dominates_sampled_pairs_in_sample_and_class_weights():
