@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import itertools
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,8 +30,7 @@ from diverify.models.encoder import resolve_model
 
 def benchmark_texts() -> list[str]:
     """Every prompt and concept of the MiniLM benchmarks."""
-    texts = [t.format(w) for t, w in itertools.product(throughput.TEMPLATES, throughput.NOUNS)]
-    texts += throughput.CONCEPTS + list(radius.PAIRS) + [c for cs in radius.PAIRS.values() for c in cs]
+    texts = throughput.template_prompts() + throughput.CONCEPTS + list(radius.PAIRS) + [c for cs in radius.PAIRS.values() for c in cs]
     return texts
 
 

@@ -66,9 +66,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def template_prompts() -> list[str]:
+    """Every template x noun prompt, in order."""
+    return [t.format(w) for t, w in itertools.product(TEMPLATES, NOUNS)]
+
+
 def same_length_prompts(encoder, n: int) -> tuple[list[str], int]:
     """The first ``n`` template x noun prompts whose token length is the most common one."""
-    texts = [t.format(w) for t, w in itertools.product(TEMPLATES, NOUNS)]
+    texts = template_prompts()
     _, mask = encoder.tokenize(texts)
     lengths = mask.sum(1)
     common = int(np.bincount(lengths).argmax())
