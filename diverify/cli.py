@@ -15,6 +15,7 @@ import sys
 
 import diverify.commands
 
+from diverify import compile_cache
 from diverify.errors import DiverifyError
 
 #: The order in which ``--help`` lists the subcommands; any other module follows.
@@ -32,6 +33,10 @@ DESCRIPTION = """\
 diverify: certify that a generative model's text encoder or denoiser cannot be
 steered into a forbidden region by a trigger. Every number it prints is either
 a sound bound (a certificate) or an explicitly labelled empirical estimate.
+
+Compiled bound programs are cached on disk (~/.cache/diverify/xla; set
+DIVERIFY_CACHE_DIR to move it, or to "off"), so a second run of the same
+problem shape skips most of XLA's compilation.
 """
 
 
@@ -53,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    compile_cache.enable_from_environment()
     try:
         return int(args.func(args) or 0)
     except DiverifyError as err:

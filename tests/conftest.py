@@ -1,10 +1,15 @@
 """Shared fixtures: the real all-MiniLM-L6-v2 encoder (loaded once), small BERT checkpoints on disk."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# In-process CLI calls must not write JAX's persistent compilation cache into the home directory
+# (tests/test_compile_cache.py turns it on in subprocesses).
+os.environ.setdefault("DIVERIFY_CACHE_DIR", "off")
 
 #: The shared fixture: ``shared/`` sits beside the checkout (and beside CI's clone).
 TINY_BERT = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tiny-bert"

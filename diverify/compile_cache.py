@@ -1,0 +1,67 @@
+"""The command line's persistent XLA compilation cache.
+
+A bound program is large (the zonotope bound of the two-layer tiny-BERT is
+about 40,000 JAX operations) and XLA takes most of a command's time compiling
+it. The executable depends only on the program, the compile options and the
+device, so ``diverify`` stores it on disk (JAX's persistent compilation
+cache) and a later command with the same model, method, precision and input
+shapes loads it instead of compiling. Loading returns the executable XLA
+produced before: the bounds are the same numbers, bit for bit.
+
+Where: ``$DIVERIFY_CACHE_DIR`` when set (``off``, ``0``, ``none``, ``no``,
+``false`` or an empty value disable the cache), else
+``$XDG_CACHE_HOME/diverify/xla`` (``~/.cache/diverify/xla``). A directory that
+cannot be created leaves the cache off. A ``JAX_COMPILATION_CACHE_DIR`` set by
+the user wins over both. Only programs whose compilation took at least
+:data:`MIN_COMPILE_SECONDS` are written, so small helper functions do not
+fill the directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: The environment variable that moves (or, set to ``off``, disables) the cache.
+ENV = "DIVERIFY_CACHE_DIR"
+#: Values of :data:`ENV` that disable the cache.
+OFF = frozenset({"", "0", "off", "none", "no", "false"})
+#: Compilations shorter than this are not written to the cache.
+MIN_COMPILE_SECONDS = 1.0
+
+
+def cache_dir(environ=None) -> Path | None:
+    """The cache directory the environment asks for, or None when it is disabled."""
+    environ = os.environ if environ is None else environ
+    value = environ.get(ENV)
+    if value is not None:
+        return None if value.strip().lower() in OFF else Path(value).expanduser()
+    base = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "diverify" / "xla"
+
+
+def enable(path: Path, min_compile_seconds: float = MIN_COMPILE_SECONDS) -> bool:
+    """Point JAX's persistent compilation cache at ``path`` (created if missing).
+
+    Returns False, leaving JAX's configuration alone, when ``path`` cannot be created.
+    """
+    import jax
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_seconds))
+    return True
+
+
+def enable_from_environment(environ=None) -> Path | None:
+    """Enable the cache where the environment says (see the module docstring); the directory used, or None."""
+    environ = os.environ if environ is None else environ
+    if environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return Path(environ["JAX_COMPILATION_CACHE_DIR"])
+    path = cache_dir(environ)
+    if path is None or not enable(path):
+        return None
+    return path
