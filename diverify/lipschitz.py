@@ -835,6 +835,9 @@ class LipschitzReport:
 
 
 def _log10_radius(radius, distance, log10_bound, method: str) -> float | None:
+    """log10 of a certified radius: for ``global`` exactly ``log10(distance) - log10_bound`` (the radius
+    is distance / bound, which underflows float64 beyond 10^308), else ``log10(radius)``; None when
+    there is no radius (no distance asked, or none certified)."""
     if radius is None or not distance:
         return None
     if method == "global" and log10_bound is not None and math.isfinite(log10_bound):
