@@ -118,6 +118,31 @@ def lp_ball(center, eps, p=np.inf, mask=None) -> LpBall:
     return LpBall(center=center, eps=jnp.asarray(eps, jnp.float32), mask=mask, p=p)
 
 
+def check_set(input_set, where: str = "input set") -> None:
+    """Raise a :class:`DiverifyError` unless ``input_set``'s numbers describe a set: every float
+    finite, an :class:`LpBall`'s ``eps`` and ``mask`` >= 0, a :class:`Box`'s ``lower <= upper``.
+
+    Sets built field by field (``LpBall(center, eps, p)`` puts ``p`` into ``mask``) bypass the
+    checks of :func:`lp_ball`; this catches them before they reach a bound. Traced values (under
+    ``jit``/``vmap``) are not checked.
+    """
+    try:
+        leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(input_set)]
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return
+    for x in leaves:
+        if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+            raise DiverifyError(f"{where}: {type(input_set).__name__} holds NaN or infinite numbers"
+                                + (" (build it with diverify.specs.lp_ball)" if isinstance(input_set, LpBall) else ""))
+    if isinstance(input_set, LpBall):
+        if np.any(np.asarray(input_set.eps) < 0):
+            raise DiverifyError(f"{where}: eps must be >= 0, got {np.asarray(input_set.eps)}")
+        if np.any(np.asarray(input_set.mask) < 0):
+            raise DiverifyError(f"{where}: an LpBall's mask must be >= 0 (build it with diverify.specs.lp_ball)")
+    if isinstance(input_set, Box) and np.any(np.asarray(input_set.lower) > np.asarray(input_set.upper)):
+        raise DiverifyError(f"{where}: a Box needs lower <= upper everywhere")
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Substitution:

@@ -57,7 +57,7 @@ from diverify.bounds import backward, ops
 from diverify.bounds.graph import Const, Graph, trace
 from diverify.bounds.interval import IntervalBound, intersect
 from diverify.errors import DiverifyError
-from diverify.specs import Box
+from diverify.specs import Box, check_set
 
 _METHOD_ALIASES = {
     "ibp": "ibp",
@@ -168,6 +168,11 @@ def _as_input_set(arg):
     if hasattr(arg, "minimize_linear") and hasattr(arg, "interval"):
         return arg
     return None
+
+
+def _check_sets(sets) -> None:
+    for i, s in enumerate(sets):
+        check_set(_as_input_set(s) or s, f"input set {i}")
 
 
 def _spec_rows(spec, out_shape, dtype):
@@ -315,6 +320,7 @@ class BoundFunction:
         return BoundResult(output=output, intermediates=intermediates, node_ok=node_ok, method=self.method, intermediate_method=inter)
 
     def __call__(self, *sets) -> BoundResult:
+        _check_sets(sets)
         with self.context():
             return self._checked(self._compiled(*sets))
 
@@ -322,6 +328,7 @@ class BoundFunction:
         """The checked result, the tracing+compilation seconds (0 when an earlier call
         compiled for the same shapes) and the bound seconds (compiled ahead of time,
         so the bound is computed once)."""
+        _check_sets(sets)
         with self.context():
             t0 = time.perf_counter()
             leaves, tree = jax.tree_util.tree_flatten(sets)
@@ -362,6 +369,9 @@ def compile_bounds(fn: Callable, *args, method: str = "crown", spec=None, alpha_
     method = canonical_method(method)
     dtype = _dtype(precision)
     sets = [_as_input_set(a) for a in args]
+    for i, s in enumerate(sets):
+        if s is not None:
+            check_set(s, f"argument {i}")
     perturbed = tuple(s is not None for s in sets)
     if not any(perturbed):
         raise DiverifyError("nothing to bound: pass at least one input set (Box, LpBall, Substitution, IntervalBound)")

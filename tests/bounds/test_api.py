@@ -13,7 +13,7 @@ import pytest
 import diverify.jax_verify as jax_verify
 from diverify.bounds import BoundResult, bound, canonical_method, compile_bounds
 from diverify.errors import DiverifyError
-from diverify.specs import lp_ball, substitution
+from diverify.specs import Box, LpBall, lp_ball, substitution
 from tests.bounds.sampling import check_sound
 
 W = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
@@ -38,6 +38,28 @@ def test_unknown_method_and_bad_eps_are_clear_errors():
         bound(mlp, jnp.zeros(4))
     with pytest.raises(DiverifyError, match="empty substitution"):
         substitution(jnp.zeros((3, 2)), [1], [np.zeros((0, 2))])
+
+
+def test_malformed_input_sets_built_field_by_field_are_clear_errors():
+    """``LpBall(center, eps, p)`` puts ``p`` (inf) into ``mask``: refused, never a bound."""
+    x0 = jnp.linspace(-1.0, 1.0, 4)
+    with pytest.raises(DiverifyError, match="NaN or infinite.*lp_ball"):
+        compile_bounds(mlp, LpBall(x0, jnp.float32(0.1), jnp.float32(np.inf)))
+    with pytest.raises(DiverifyError, match="eps must be >= 0"):
+        compile_bounds(mlp, LpBall(x0, jnp.float32(-0.1), jnp.ones((1,))))
+    with pytest.raises(DiverifyError, match="mask must be >= 0"):
+        compile_bounds(mlp, LpBall(x0, jnp.float32(0.1), -jnp.ones((1,))))
+    with pytest.raises(DiverifyError, match="lower <= upper"):
+        compile_bounds(mlp, Box(x0 + 0.1, x0 - 0.1))
+    with pytest.raises(DiverifyError, match="NaN or infinite"):
+        compile_bounds(mlp, Box(x0.at[0].set(jnp.nan), x0 + 0.1))
+    bf = compile_bounds(mlp, lp_ball(x0, 0.1), method="ibp")
+    for call in (bf, lambda s: bf.timed(s)):
+        with pytest.raises(DiverifyError, match="input set 0: eps must be >= 0"):
+            call(LpBall(x0, jnp.float32(-0.1), jnp.ones((1,))))
+    # Under jit the numbers are traced: not checked, and nothing breaks.
+    out = jax.jit(lambda c: bf.unchecked(lp_ball(c, 0.1)))(x0)
+    np.testing.assert_allclose(out.output.lower, bf(lp_ball(x0, 0.1)).output.lower, rtol=1e-6)
 
 
 def test_result_is_a_pytree_and_vmaps_over_problems():
