@@ -1,7 +1,7 @@
 """The command line's persistent XLA compilation cache.
 
 A bound program is large (the zonotope bound of the two-layer tiny-BERT is
-about 40,000 JAX operations) and XLA takes most of a command's time compiling
+about 35,000 JAX operations) and XLA takes most of a command's time compiling
 it. The executable depends only on the program, the compile options and the
 device, so ``diverify`` stores it on disk (JAX's persistent compilation
 cache) and a later command with the same model, method, precision and input
