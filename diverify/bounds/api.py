@@ -170,9 +170,10 @@ def _as_input_set(arg):
     return None
 
 
-def _check_sets(sets) -> None:
+def _check_sets(sets, what: str = "input set") -> None:
+    """:func:`~diverify.specs.check_set` on every set (None, a constant argument, is skipped)."""
     for i, s in enumerate(sets):
-        check_set(_as_input_set(s) or s, f"input set {i}")
+        check_set(_as_input_set(s) or s, f"{what} {i}")
 
 
 def _spec_rows(spec, out_shape, dtype):
@@ -369,9 +370,7 @@ def compile_bounds(fn: Callable, *args, method: str = "crown", spec=None, alpha_
     method = canonical_method(method)
     dtype = _dtype(precision)
     sets = [_as_input_set(a) for a in args]
-    for i, s in enumerate(sets):
-        if s is not None:
-            check_set(s, f"argument {i}")
+    _check_sets(sets, "argument")
     perturbed = tuple(s is not None for s in sets)
     if not any(perturbed):
         raise DiverifyError("nothing to bound: pass at least one input set (Box, LpBall, Substitution, IntervalBound)")
