@@ -172,10 +172,16 @@ def main() -> None:
             engine_methods = ["-"] if method == "global" else args.engine_methods
             for engine_method, radius in [(e, r) for e in engine_methods for r in args.radii]:
                 start = time.perf_counter()
+                done = []
+
+                def step_done():  # one line per bounded step: a run cut short still says how far it got
+                    done.append(time.perf_counter())
+                    print(f"  step {len(done)}/{steps} bounded at {done[-1] - start:.1f} s", flush=True)
                 try:
                     rep = lipschitz_report(chain, method, radius, lip, engine_method,
                                            compiled=caches.get(engine_method), precision=args.precision,
-                                           decision=decision, eager=args.eager)
+                                           decision=decision, eager=args.eager,
+                                           progress=None if method == "global" else step_done)
                     row = dict(log10_certified=rep.log10_cumulative, empirical_lower=rep.empirical_lower,
                                chain_jacobian=rep.empirical_chain_jacobian,
                                log10_ratio=rep.log10_cumulative - float(np.log10(rep.empirical_lower)),

@@ -159,7 +159,7 @@ def cosine_function(encoder, prompt: Prompt, concept_embeddings: jax.Array):
     def fn(we):
         e = encoder.pooled_from_word_embeddings(params, we, mask, ids)[0]
         unit = e * jax.lax.rsqrt(jnp.sum(e * e))
-        return targets @ unit
+        return jnp.matmul(targets, unit, precision=jax.lax.Precision.HIGHEST)
 
     return fn
 

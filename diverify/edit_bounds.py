@@ -85,7 +85,7 @@ def _with_edits(params, paths: Sequence[str], deltas: Sequence[jax.Array]):
 
 
 def _unit_cosines(targets: jax.Array, e: jax.Array) -> jax.Array:
-    return targets @ (e * jax.lax.rsqrt(jnp.sum(e * e)))
+    return jnp.matmul(targets, e * jax.lax.rsqrt(jnp.sum(e * e)), precision=jax.lax.Precision.HIGHEST)
 
 
 def edit_cosine_function(encoder, prompt: Prompt, paths: Sequence[str], targets: jax.Array) -> Callable:

@@ -728,7 +728,9 @@ class LinearDecision:
     bias: np.ndarray  # (classes,)
 
     def logits(self, x: jax.Array) -> jax.Array:
-        return jnp.reshape(x, (-1,)) @ jnp.asarray(self.weight, jnp.float32).T + jnp.asarray(self.bias, jnp.float32)
+        weight = jnp.asarray(self.weight, jnp.float32)
+        return (jnp.matmul(jnp.reshape(x, (-1,)), weight.T, precision=jax.lax.Precision.HIGHEST)
+                + jnp.asarray(self.bias, jnp.float32))
 
     def boundary_distance(self, x: Any) -> tuple[int, float]:
         """(y, D) for the sample ``x``: y its label and D = min_{j != y} (z_y - z_j) / ||w_y - w_j||, the

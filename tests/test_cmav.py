@@ -173,3 +173,17 @@ def test_pgd_attack_compiles_once_for_every_radius(encoder):
         delta = (xs[0] - ball.center) * ball.mask
         assert float(jnp.max(jnp.abs(delta))) <= eps * (1 + 1e-5)  # the witness lies in the ball
         assert float(vals[0]) == pytest.approx(float(inner(xs[0])[0]), abs=1e-5)
+
+
+def test_the_clean_cosine_is_the_bounded_function_on_every_device(encoder):
+    """Every product of the encoder and the cosine runs at HIGHEST: a GPU would otherwise evaluate the
+    clean cosine in TF32, not the full-precision function the engine bounds (seen on an H200: the
+    throughput benchmark's clean cosines fell outside their bounds)."""
+    from tests.precision import low_precision_products
+
+    prompt = cmav.make_prompt(encoder, ids=IDS)
+    targets = encoder.embed_ids(jnp.asarray(cmav.make_prompt(encoder, ids=[2, 9, 4, 3]).ids))
+    ball = cmav.embedding_ball(encoder, prompt, [2], 1e-4)
+    fn = cmav.cosine_function(encoder, prompt, targets / jnp.linalg.norm(targets))
+    assert low_precision_products(fn, ball.center) == []
+    assert low_precision_products(lambda x: jnp.dot(x, x), ball.center[0, 0]) == ["dot_general: None"]

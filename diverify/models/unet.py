@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diverify.errors import DiverifyError
+from diverify.models.layers import PRECISION
 
 
 # --------------------------------------------------------------------------- layers
@@ -107,7 +108,7 @@ class ClassEmbedding(nn.Module):
         table = self.param("embedding", nn.initializers.normal(1.0), (self.num_embeddings, self.features))
         if jnp.issubdtype(labels.dtype, jnp.integer):
             labels = jax.nn.one_hot(labels, self.num_embeddings, dtype=table.dtype)
-        return labels @ table
+        return jnp.matmul(labels, table, precision=PRECISION)
 
 
 class TimestepEmbedding(nn.Module):
@@ -117,12 +118,12 @@ class TimestepEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.Dense(self.features, name="linear_1")(x)
-        return nn.Dense(self.features, name="linear_2")(silu(x))
+        x = nn.Dense(self.features, precision=PRECISION, name="linear_1")(x)
+        return nn.Dense(self.features, precision=PRECISION, name="linear_2")(silu(x))
 
 
 def conv3x3(features: int, name: str, stride: int = 1, padding: Any = ((1, 1), (1, 1))) -> nn.Conv:
-    return nn.Conv(features, (3, 3), strides=(stride, stride), padding=padding, name=name)
+    return nn.Conv(features, (3, 3), strides=(stride, stride), padding=padding, precision=PRECISION, name=name)
 
 
 class ResnetBlock2D(nn.Module):
@@ -140,11 +141,11 @@ class ResnetBlock2D(nn.Module):
     def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
         h = silu(GroupNorm(self.groups, self.eps, name="norm1")(x))
         h = conv3x3(self.out_channels, "conv1")(h)
-        h = h + nn.Dense(self.out_channels, name="time_emb_proj")(silu(temb))[:, None, None, :]
+        h = h + nn.Dense(self.out_channels, precision=PRECISION, name="time_emb_proj")(silu(temb))[:, None, None, :]
         h = silu(GroupNorm(self.groups, self.eps, name="norm2")(h))
         h = conv3x3(self.out_channels, "conv2")(h)
         if x.shape[-1] != self.out_channels:
-            x = nn.Conv(self.out_channels, (1, 1), padding="VALID", name="conv_shortcut")(x)
+            x = nn.Conv(self.out_channels, (1, 1), padding="VALID", precision=PRECISION, name="conv_shortcut")(x)
         return (x + h) / self.output_scale_factor
 
 
@@ -155,9 +156,9 @@ def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -
     q = q.reshape(b, n, heads, d)
     k = k.reshape(b, k.shape[1], heads, d)
     v = v.reshape(b, v.shape[1], heads, d)
-    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k) * (d ** -0.5)
+    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k, precision=PRECISION) * (d ** -0.5)
     weights = jax.nn.softmax(logits, axis=-1)
-    return jnp.einsum("bhnm,bmhd->bnhd", weights, v).reshape(b, n, inner)
+    return jnp.einsum("bhnm,bmhd->bnhd", weights, v, precision=PRECISION).reshape(b, n, inner)
 
 
 class Attention(nn.Module):
@@ -184,10 +185,11 @@ class Attention(nn.Module):
             x = GroupNorm(self.norm_groups, self.eps, name="group_norm")(x)
         context = x if context is None else context
         inner = self.heads * self.head_dim
-        q = nn.Dense(inner, use_bias=self.qkv_bias, name="to_q")(x)
-        k = nn.Dense(inner, use_bias=self.qkv_bias, name="to_k")(context)
-        v = nn.Dense(inner, use_bias=self.qkv_bias, name="to_v")(context)
-        out = nn.Dense(residual.shape[-1], name="to_out_0")(multi_head_attention(q, k, v, self.heads))
+        q = nn.Dense(inner, use_bias=self.qkv_bias, precision=PRECISION, name="to_q")(x)
+        k = nn.Dense(inner, use_bias=self.qkv_bias, precision=PRECISION, name="to_k")(context)
+        v = nn.Dense(inner, use_bias=self.qkv_bias, precision=PRECISION, name="to_v")(context)
+        attended = multi_head_attention(q, k, v, self.heads)
+        out = nn.Dense(residual.shape[-1], precision=PRECISION, name="to_out_0")(attended)
         if self.residual:
             out = out + residual
         return (out / self.rescale_output_factor).reshape(spatial_shape[:-1] + (out.shape[-1],))
@@ -209,7 +211,7 @@ class FeedForward(nn.Module):
         else:
             h = ProjModule(inner, name="net_0")(x)
             h = jax.nn.gelu(h, approximate=self.activation == "gelu-approximate")
-        return nn.Dense(self.dim, name="net_2")(h)
+        return nn.Dense(self.dim, precision=PRECISION, name="net_2")(h)
 
 
 class ProjModule(nn.Module):
@@ -219,7 +221,7 @@ class ProjModule(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return nn.Dense(self.features, name="proj")(x)
+        return nn.Dense(self.features, precision=PRECISION, name="proj")(x)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -254,15 +256,15 @@ class Transformer2DModel(nn.Module):
         b, hgt, wid, c = x.shape
         h = GroupNorm(self.groups, 1e-6, name="norm")(x)
         if self.use_linear_projection:
-            h = nn.Dense(c, name="proj_in")(h.reshape(b, hgt * wid, c))
+            h = nn.Dense(c, precision=PRECISION, name="proj_in")(h.reshape(b, hgt * wid, c))
         else:
-            h = nn.Conv(c, (1, 1), padding="VALID", name="proj_in")(h).reshape(b, hgt * wid, c)
+            h = nn.Conv(c, (1, 1), padding="VALID", precision=PRECISION, name="proj_in")(h).reshape(b, hgt * wid, c)
         for i in range(self.num_layers):
             h = BasicTransformerBlock(c, self.heads, c // self.heads, name=f"transformer_blocks_{i}")(h, context)
         if self.use_linear_projection:
-            h = nn.Dense(c, name="proj_out")(h).reshape(b, hgt, wid, c)
+            h = nn.Dense(c, precision=PRECISION, name="proj_out")(h).reshape(b, hgt, wid, c)
         else:
-            h = nn.Conv(c, (1, 1), padding="VALID", name="proj_out")(h.reshape(b, hgt, wid, c))
+            h = nn.Conv(c, (1, 1), padding="VALID", precision=PRECISION, name="proj_out")(h.reshape(b, hgt, wid, c))
         return h + x
 
 
@@ -579,7 +581,7 @@ class UNet(nn.Module):
         if cfg.num_class_embeds is not None:
             emb = emb + ClassEmbedding(cfg.num_class_embeds, cfg.time_embed_dim, name="class_embedding")(cond)
         k_in = cfg.conv_in_kernel
-        h = nn.Conv(ch[0], (k_in, k_in), padding=(((k_in - 1) // 2,) * 2,) * 2, name="conv_in")(x)
+        h = nn.Conv(ch[0], (k_in, k_in), padding=(((k_in - 1) // 2,) * 2,) * 2, precision=PRECISION, name="conv_in")(x)
         skips = [h]
         common = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, transformer_layers=cfg.transformer_layers_per_block,
                       use_linear_projection=cfg.use_linear_projection)
@@ -604,7 +606,7 @@ class UNet(nn.Module):
         h = silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out")(h))
         k_out = cfg.conv_out_kernel
         return nn.Conv(cfg.out_channels, (k_out, k_out), padding=(((k_out - 1) // 2,) * 2,) * 2,
-                       name="conv_out")(h)
+                       precision=PRECISION, name="conv_out")(h)
 
 
 def check_unet_inputs(config: UNetConfig, x_nchw: Any, cond: Any) -> None:

@@ -9,6 +9,7 @@ from diffusers import DiTTransformer2DModel
 
 from diverify.errors import DiverifyError
 from diverify.models.diffusers_checkpoint import load_denoiser
+from tests.precision import low_precision_products
 
 
 @pytest.mark.parametrize("out_channels,activation", [(None, "gelu-approximate"), (8, "gelu")])
@@ -32,5 +33,6 @@ def test_dit_matches_diffusers(tmp_path, out_channels, activation):
     np.testing.assert_allclose(eps, got[:, :4], atol=1e-5)
     jaxpr = jax.make_jaxpr(den.eps)(den.params, x.numpy(), t.numpy(), labels.numpy())
     assert jaxpr.out_avals[0].shape == (2, 4, 8, 8)
+    assert low_precision_products(den.eps, den.params, x.numpy(), t.numpy(), labels.numpy()) == []
     with pytest.raises(DiverifyError, match="input must have shape"):
         den.apply(den.params, np.zeros((2, 4, 6, 6), np.float32), t.numpy(), labels.numpy())

@@ -9,6 +9,7 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 
 from diverify.errors import DiverifyError
 from diverify.models.diffusers_checkpoint import load_denoiser
+from tests.precision import low_precision_products
 
 UNET2D_CONFIGS = {
     "attention": dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16),
@@ -51,6 +52,8 @@ def test_unet2d_matches_diffusers(tmp_path, name):
     got = np.asarray(den.apply(den.params, x.numpy(), t.numpy(), None if labels is None else labels.numpy()))
     assert got.shape == expected.shape
     assert np.max(np.abs(got - expected)) <= 1e-4
+    assert low_precision_products(den.eps, den.params, x.numpy(), t.numpy(),
+                                  None if labels is None else labels.numpy()) == []
     if labels is not None:
         one_hot = np.eye(config["num_class_embeds"], dtype=np.float32)[labels.numpy()]
         soft = np.asarray(den.apply(den.params, x.numpy(), t.numpy(), one_hot))
@@ -80,5 +83,6 @@ def test_unet2d_condition_matches_diffusers(tmp_path, linear_projection):
         expected = model(x, t, encoder_hidden_states=states).sample.numpy()
     got = np.asarray(den.apply(den.params, x.numpy(), t.numpy(), states.numpy()))
     assert np.max(np.abs(got - expected)) <= 1e-4
+    assert low_precision_products(den.eps, den.params, x.numpy(), t.numpy(), states.numpy()) == []
     with pytest.raises(DiverifyError, match="encoder hidden states"):
         den.apply(den.params, x.numpy(), t.numpy(), None)
