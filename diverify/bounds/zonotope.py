@@ -29,9 +29,10 @@ slack through one linear map and become a fresh block at its (smaller)
 output.
 
 The number of error symbols is capped by *order reduction*: the
-:data:`KEEP_SYMBOLS` largest error symbols (l1 norm of the generator over the
-value) are kept as one new block and the rest are boxed (``|T_b|`` summed
-into the slack, which becomes one fresh block of the value's size). The new
+:data:`KEEP_SYMBOLS` error symbols that boxing would widen most (Girard's
+criterion ``||g||_1 - ||g||_inf`` of the generator ``g`` over the value) are
+kept as one new block and the rest are boxed (``|T_b|`` summed into the
+slack, which becomes one fresh block of the value's size). The new
 block is a copy: other live values that carry the old symbols no longer share
 them, so a reduction in the middle of a branch loses the cancellations of the
 later residual add. Reductions therefore happen at *cuts*: values after which
@@ -73,7 +74,7 @@ FRESH_LIMIT = 4096
 SYMBOL_BUDGET = 16384
 #: At a cut (no other live value carries error symbols) a value with more error symbols than this is reduced.
 CUT_BUDGET = 8192
-#: How many of the largest error symbols a reduction keeps (at a cut, and under the hard cap).
+#: How many error symbols a reduction keeps (at a cut, and under the hard cap).
 KEEP_SYMBOLS = 4096
 
 
@@ -235,9 +236,17 @@ def _error_symbols(v: Zonotope, blocks: _Blocks) -> int:
 
 
 def _reduce_errors(terms: dict, lo, hi, shape, blocks: _Blocks):
-    """Order reduction: keep the :data:`KEEP_SYMBOLS` error symbols with the
-    largest generators (l1 norm over the value) as one new block and box the
-    rest into ``[lo, hi]``.
+    """Order reduction: keep the :data:`KEEP_SYMBOLS` error symbols that boxing
+    would widen most as one new block and box the rest into ``[lo, hi]``.
+
+    Boxing a generator ``g`` adds ``|g|`` to the box, whose fresh block then
+    stands for ``g`` without its correlations across elements; a generator on
+    one element (``||g||_1 = ||g||_inf``, such as the previous reduction's box
+    before a linear map mixes it) loses nothing. So the kept symbols are those
+    with the largest ``||g||_1 - ||g||_inf`` (Girard's criterion), not the
+    largest ``||g||_1``: MiniLM, float64, zonotope, 3 layers, width / true
+    range 1.97x -> 1.66x at 1e-6 and 12.5x -> 9.17x at 1e-5; 6 layers,
+    crown-zonotope, 1e-6: mean width 3.2e7 -> 0.32.
 
     Sound: for ``e`` in ``[-1, 1]^n``, ``sum_i g_i e_i`` lies in the kept part
     (now with fresh copies of the kept symbols, which can only forget
@@ -249,12 +258,13 @@ def _reduce_errors(terms: dict, lo, hi, shape, blocks: _Blocks):
     n = math.prod(shape)
     errs = jnp.concatenate([terms.pop(b).reshape((-1, n)) for b in [b for b in list(terms) if blocks.is_error(b)]])
     keep = min(KEEP_SYMBOLS, errs.shape[0])
-    order = jnp.argsort(-jnp.sum(jnp.abs(errs), axis=1))
+    size = jnp.abs(errs)
+    order = jnp.argsort(jnp.max(size, axis=1) - jnp.sum(size, axis=1))
     if keep:
         terms[blocks.new((keep,))] = errs[order[:keep]].reshape((keep,) + tuple(shape))
     if keep == errs.shape[0]:
         return terms, lo, hi
-    r = jnp.sum(jnp.abs(errs[order[keep:]]), axis=0) * (1.0 + errs.shape[0] * float(jnp.finfo(errs.dtype).eps))
+    r = jnp.sum(size[order[keep:]], axis=0) * (1.0 + errs.shape[0] * float(jnp.finfo(errs.dtype).eps))
     r = r.reshape(shape)
     return terms, lo - r, hi + r
 

@@ -94,6 +94,34 @@ def test_order_reduction_keeps_large_symbols_sound_and_tighter_than_boxing(monke
     assert full_width <= widths[16] < widths[0], (full_width, widths)
 
 
+def test_reduction_keeps_the_symbols_boxing_would_widen_most(monkeypatch):
+    """Girard's criterion: a generator on one element costs nothing to box (its box is itself), so a
+    reduction keeps a spread-out generator with a smaller l1 norm instead; the reduced set still holds
+    every point of the original one (its corners, checked exactly)."""
+    import itertools
+    import jax.numpy as jnp
+    from diverify.bounds import zonotope
+
+    on_one = jnp.array([3.0, 0.0, 0.0])  # l1 3, boxing it is free
+    spread = jnp.array([1.0, -1.0, 0.5])  # l1 2.5, boxing it widens by 2.5 - 1
+    small = jnp.array([0.1, 0.2, -0.1])
+    blocks = zonotope._Blocks({}, {})
+    terms = {blocks.new((3,)): jnp.stack([on_one, spread, small])}
+    zero = jnp.zeros(3)
+    monkeypatch.setattr(zonotope, "KEEP_SYMBOLS", 1)
+    kept, lo, hi = zonotope._reduce_errors(dict(terms), zero, zero, (3,), blocks)
+    (block,) = kept
+    np.testing.assert_array_equal(np.asarray(kept[block][0]), np.asarray(spread))
+    np.testing.assert_allclose(np.asarray(hi), [3.1, 0.2, 0.1], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(lo), -np.asarray(hi))
+    generators, kept_row = np.stack([on_one, spread, small]), np.asarray(spread)
+    s = np.linspace(-1, 1, 2001)[:, None]  # the reduced set: s * spread + [lo, hi], s in [-1, 1]
+    for signs in itertools.product([-1.0, 1.0], repeat=3):
+        point = np.asarray(signs) @ generators
+        gap = np.maximum(point - (s * kept_row + np.asarray(hi)), (s * kept_row + np.asarray(lo)) - point)
+        assert np.min(np.max(gap, axis=1)) <= 1e-6, signs
+
+
 def _branchy_residual(x, weights):
     for w in weights:
         x = x + jax.numpy.tanh(w.T @ jax.numpy.tanh(w @ x))
