@@ -147,6 +147,11 @@ def substitution_set(encoder, prompt: Prompt, substitutions: dict[int, Sequence[
     return dataclasses.replace(s, positions=jnp.asarray(positions)), table_ids
 
 
+def unit_cosines(targets: jax.Array, e: jax.Array) -> jax.Array:
+    """``targets @ (e / ||e||)`` (rows of ``targets`` unit norm), the product at full precision."""
+    return jnp.matmul(targets, e * jax.lax.rsqrt(jnp.sum(e * e)), precision=jax.lax.Precision.HIGHEST)
+
+
 def cosine_function(encoder, prompt: Prompt, concept_embeddings: jax.Array):
     """``we -> cos(emb(we), t_c)`` for every concept (rows of ``concept_embeddings``, unit norm).
 
@@ -157,9 +162,7 @@ def cosine_function(encoder, prompt: Prompt, concept_embeddings: jax.Array):
     targets = jnp.asarray(concept_embeddings, jnp.float32)
 
     def fn(we):
-        e = encoder.pooled_from_word_embeddings(params, we, mask, ids)[0]
-        unit = e * jax.lax.rsqrt(jnp.sum(e * e))
-        return jnp.matmul(targets, unit, precision=jax.lax.Precision.HIGHEST)
+        return unit_cosines(targets, encoder.pooled_from_word_embeddings(params, we, mask, ids)[0])
 
     return fn
 

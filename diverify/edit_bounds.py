@@ -41,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diverify.bounds import compile_bounds
-from diverify.cmav import ConceptVerdict, Prompt, checked_bound, concept_embeddings, concept_verdict
+from diverify.cmav import (ConceptVerdict, Prompt, checked_bound, concept_embeddings, concept_verdict,
+                           unit_cosines)
 from diverify.cws.sampling import path_string, select_paths
 from diverify.errors import DiverifyError
 from diverify.specs import MatrixBall, dense_image, matrix_ball
@@ -84,10 +85,6 @@ def _with_edits(params, paths: Sequence[str], deltas: Sequence[jax.Array]):
     return jax.tree_util.tree_map_with_path(move, params)
 
 
-def _unit_cosines(targets: jax.Array, e: jax.Array) -> jax.Array:
-    return jnp.matmul(targets, e * jax.lax.rsqrt(jnp.sum(e * e)), precision=jax.lax.Precision.HIGHEST)
-
-
 def edit_cosine_function(encoder, prompt: Prompt, paths: Sequence[str], targets: jax.Array) -> Callable:
     """``(D_1, ..., D_k) -> cos(emb_{theta + D}(prompt), t_c)`` for every row ``t_c`` of ``targets`` (unit norm).
 
@@ -100,7 +97,7 @@ def edit_cosine_function(encoder, prompt: Prompt, paths: Sequence[str], targets:
 
     def fn(*deltas):
         e = encoder.pooled_from_word_embeddings(_with_edits(params, paths, deltas), word_emb, mask, ids)[0]
-        return _unit_cosines(targets, e)
+        return unit_cosines(targets, e)
 
     return fn
 
@@ -144,7 +141,7 @@ def output_move_function(encoder, prompt: Prompt, kernel_path: str, targets: jax
 
     def fn(z):
         e, _ = _dense_calls(encoder, prompt, word_emb, module_path, add=z)
-        return _unit_cosines(targets, e)
+        return unit_cosines(targets, e)
 
     return fn
 

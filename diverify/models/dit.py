@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diverify.errors import DiverifyError
-from diverify.models.layers import PRECISION
+from diverify.models.layers import PRECISION, dense
 from diverify.models.unet import (Attention, ClassEmbedding, FeedForward, LayerNorm, TimestepEmbedding, random_params,
                                   silu, timestep_embedding)
 
@@ -126,7 +126,7 @@ class AdaLayerNormZero(nn.Module):
     def __call__(self, x, t, labels):
         d = self.config.inner_dim
         emb = CombinedTimestepLabelEmbeddings(self.config.num_embeds_ada_norm, d, name="emb")(t, labels)
-        mod = nn.Dense(6 * d, precision=PRECISION, name="linear")(silu(emb))
+        mod = dense(6 * d, "linear")(silu(emb))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         normed = LayerNorm(1e-6, affine=False)(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
         return normed, emb, (gate_msa, shift_mlp, scale_mlp, gate_mlp)
@@ -180,10 +180,10 @@ class DiT(nn.Module):
         for i in range(cfg.num_layers):
             h, emb = DiTBlock(cfg, name=f"transformer_blocks_{i}")(h, t, labels)
             conditioning = emb if i == 0 else conditioning
-        modulation = nn.Dense(2 * cfg.inner_dim, precision=PRECISION, name="proj_out_1")(silu(conditioning))
+        modulation = dense(2 * cfg.inner_dim, "proj_out_1")(silu(conditioning))
         shift, scale = jnp.split(modulation, 2, axis=-1)
         h = LayerNorm(1e-6, affine=False)(h) * (1 + scale[:, None]) + shift[:, None]
-        h = nn.Dense(p * p * cfg.out_channels, precision=PRECISION, name="proj_out_2")(h)
+        h = dense(p * p * cfg.out_channels, "proj_out_2")(h)
         gh, gw = hgt // p, wid // p
         h = h.reshape(b, gh, gw, p, p, cfg.out_channels)
         return jnp.transpose(h, (0, 1, 3, 2, 4, 5)).reshape(b, gh * p, gw * p, cfg.out_channels)

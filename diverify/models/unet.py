@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diverify.errors import DiverifyError
-from diverify.models.layers import PRECISION
+from diverify.models.layers import PRECISION, dense
 
 
 # --------------------------------------------------------------------------- layers
@@ -118,8 +118,8 @@ class TimestepEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.Dense(self.features, precision=PRECISION, name="linear_1")(x)
-        return nn.Dense(self.features, precision=PRECISION, name="linear_2")(silu(x))
+        x = dense(self.features, "linear_1")(x)
+        return dense(self.features, "linear_2")(silu(x))
 
 
 def conv3x3(features: int, name: str, stride: int = 1, padding: Any = ((1, 1), (1, 1))) -> nn.Conv:
@@ -141,7 +141,7 @@ class ResnetBlock2D(nn.Module):
     def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
         h = silu(GroupNorm(self.groups, self.eps, name="norm1")(x))
         h = conv3x3(self.out_channels, "conv1")(h)
-        h = h + nn.Dense(self.out_channels, precision=PRECISION, name="time_emb_proj")(silu(temb))[:, None, None, :]
+        h = h + dense(self.out_channels, "time_emb_proj")(silu(temb))[:, None, None, :]
         h = silu(GroupNorm(self.groups, self.eps, name="norm2")(h))
         h = conv3x3(self.out_channels, "conv2")(h)
         if x.shape[-1] != self.out_channels:
@@ -185,11 +185,11 @@ class Attention(nn.Module):
             x = GroupNorm(self.norm_groups, self.eps, name="group_norm")(x)
         context = x if context is None else context
         inner = self.heads * self.head_dim
-        q = nn.Dense(inner, use_bias=self.qkv_bias, precision=PRECISION, name="to_q")(x)
-        k = nn.Dense(inner, use_bias=self.qkv_bias, precision=PRECISION, name="to_k")(context)
-        v = nn.Dense(inner, use_bias=self.qkv_bias, precision=PRECISION, name="to_v")(context)
+        q = dense(inner, "to_q", use_bias=self.qkv_bias)(x)
+        k = dense(inner, "to_k", use_bias=self.qkv_bias)(context)
+        v = dense(inner, "to_v", use_bias=self.qkv_bias)(context)
         attended = multi_head_attention(q, k, v, self.heads)
-        out = nn.Dense(residual.shape[-1], precision=PRECISION, name="to_out_0")(attended)
+        out = dense(residual.shape[-1], "to_out_0")(attended)
         if self.residual:
             out = out + residual
         return (out / self.rescale_output_factor).reshape(spatial_shape[:-1] + (out.shape[-1],))
@@ -211,7 +211,7 @@ class FeedForward(nn.Module):
         else:
             h = ProjModule(inner, name="net_0")(x)
             h = jax.nn.gelu(h, approximate=self.activation == "gelu-approximate")
-        return nn.Dense(self.dim, precision=PRECISION, name="net_2")(h)
+        return dense(self.dim, "net_2")(h)
 
 
 class ProjModule(nn.Module):
@@ -221,7 +221,7 @@ class ProjModule(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return nn.Dense(self.features, precision=PRECISION, name="proj")(x)
+        return dense(self.features, "proj")(x)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -256,13 +256,13 @@ class Transformer2DModel(nn.Module):
         b, hgt, wid, c = x.shape
         h = GroupNorm(self.groups, 1e-6, name="norm")(x)
         if self.use_linear_projection:
-            h = nn.Dense(c, precision=PRECISION, name="proj_in")(h.reshape(b, hgt * wid, c))
+            h = dense(c, "proj_in")(h.reshape(b, hgt * wid, c))
         else:
             h = nn.Conv(c, (1, 1), padding="VALID", precision=PRECISION, name="proj_in")(h).reshape(b, hgt * wid, c)
         for i in range(self.num_layers):
             h = BasicTransformerBlock(c, self.heads, c // self.heads, name=f"transformer_blocks_{i}")(h, context)
         if self.use_linear_projection:
-            h = nn.Dense(c, precision=PRECISION, name="proj_out")(h).reshape(b, hgt, wid, c)
+            h = dense(c, "proj_out")(h).reshape(b, hgt, wid, c)
         else:
             h = nn.Conv(c, (1, 1), padding="VALID", precision=PRECISION, name="proj_out")(h.reshape(b, hgt, wid, c))
         return h + x
