@@ -95,14 +95,15 @@ def test_exhaustive_refuses_balls_and_oversized_lists(encoder, monkeypatch):
 
 
 def test_a_bound_that_cannot_be_computed_is_unknown_or_a_collision_never_certified(encoder):
-    """At eps 1 the IBP LayerNorm variance bound reaches 0: the concepts are unknown with the
-    engine's reason, the attack still runs, and a collision it finds is reported with its witness."""
+    """At eps 1 the IBP LayerNorm variance bound reaches LayerNorm's epsilon and the next
+    relaxation (the GELU) is refused: the concepts are unknown with the engine's reason, the
+    attack still runs, and a collision it finds is reported with its witness."""
     prompt = cmav.make_prompt(encoder, ids=IDS)
     target = jax.random.normal(jax.random.PRNGKey(0), (1, encoder.embedding_dim))
     ball = cmav.embedding_ball(encoder, prompt, [2], 1.0)
     cert = cmav.certify(encoder, prompt, ball, ["a"], 0.999, method="ibp", concept_vectors=target)
     v = cert.concepts[0]
-    assert not cert.certified and v.status == "unknown" and "cannot bound 'rsqrt'" in v.reason
+    assert not cert.certified and v.status == "unknown" and "cannot bound 'gelu_erf'" in v.reason
     assert v.cosine_upper is None and v.cosine_lower is None and v.witness is None
     assert -1.0 <= v.attack_cosine < 0.999  # the attack ran
     cert = cmav.certify(encoder, prompt, ball, ["a"], v.cosine_clean - 1e-3, method="ibp", concept_vectors=target)

@@ -81,3 +81,16 @@ def test_lp_balls_on_one_row(p, method):
     s = lp_ball(x0, 0.05, p=p, mask=mask)
     out = bound(fn, s, method=method).output
     check_sound(fn, s, out, jax.random.PRNGKey(1), n=128, attack_directions=3)
+
+
+@pytest.mark.parametrize("method", ["ibp", "zonotope"])
+def test_a_small_end_next_to_a_huge_radius_is_kept(method):
+    """``1 / (1 + sum exp(x))`` with ``exp(x)`` up to ~1e34: the denominator's lower end is
+    1 exactly (sums and shifts map their end points); through the centre/radius form it came
+    out as ``(1.6e34 + 1) - 1.6e34 = 0`` and the reciprocal was refused."""
+    s = lp_ball(jnp.array([[0.0, 40.0, 20.0]]), 40.0)
+    fn = lambda x: 1.0 / (1.0 + jnp.sum(jnp.exp(x), axis=-1))  # noqa: E731
+    res = bound(fn, s, method=method)
+    assert float(res.intermediates[next(k for k in res.intermediates if k.endswith(":add"))].lower.min()) >= 1.0
+    check_sound(fn, s, res.output, jax.random.PRNGKey(7))
+    assert float(res.output.upper.max()) <= 1.0 + 1e-6
