@@ -27,9 +27,8 @@ part() {  # part NAME TIMEOUT COMMAND...: run in the background, log under $OUT
 }
 part throughput 480 $PY benchmarks/throughput.py --model .dev/minilm --layers 1 --method crown-zonotope \
     --eps 1e-5 --prompts 256 --batch 8 --check 1 --out "$OUT/throughput.json"
-# minilm6 keeps its compiled program in a persistent cache (not yet tried on a GPU): carry the returned
-# xla-cache as .dev/xla-cache
-# with XLA_CACHE=.dev/xla-cache, and a second call should load it instead of compiling.
+# minilm6 keeps its compiled program in a persistent cache (not yet tried on a GPU): copy the returned
+# $OUT/xla-cache to .dev/xla-cache and run with XLA_CACHE=.dev/xla-cache; that call should load it, not compile.
 part minilm6 480 env JAX_COMPILATION_CACHE_DIR="${XLA_CACHE:-$OUT/xla-cache}" $PY benchmarks/bound_tightness.py \
     --model minilm --model-dir .dev/minilm --eps 1e-6 1e-5 1e-4 --methods crown-zonotope --precision float64 \
     --out "$OUT/minilm6.json"

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from diverify.bounds import elementwise, relaxations, zonotope
 from diverify.bounds.graph import Const, Graph, Node
 from diverify.bounds.interval import intersect, node_interval
-from diverify.bounds.ops import kind, linear_offset, linear_part
+from diverify.bounds.ops import kind, linear_offset, linear_part, relaxed_inputs
 from diverify.bounds.synthetic import simplex_weights
 
 
@@ -171,11 +171,6 @@ def backward_lower(graph: Graph, target: int, a0, bounds, input_sets, alphas=Non
     return bias
 
 
-def needs_bounds(graph: Graph) -> set[int]:
-    """Value ids whose intervals the relaxations need."""
-    return {v for node in graph.nodes if kind(node) != "linear" for v in node.inputs if not isinstance(v, Const)}
-
-
 def crown_interval(graph: Graph, vid: int, bounds, input_sets, producer_index: int, chunk: int = 4096):
     """CROWN lower and upper bounds of every element of value ``vid``."""
     shape = tuple(graph.avals[vid].shape)
@@ -242,7 +237,7 @@ def intermediate_bounds(graph: Graph, input_sets, method: str = "crown"):
     if method in ("forward", "zonotope"):
         return forward_forms(graph, input_sets, method)
     env = dict(zip(graph.inputs, [s.interval() for s in input_sets]))
-    needed = needs_bounds(graph) if method == "crown" else set()
+    needed = relaxed_inputs(graph) if method == "crown" else set()
     flags = []
     for idx, node in enumerate(graph.nodes):
         ins = [v if isinstance(v, Const) else env[v] for v in node.inputs]

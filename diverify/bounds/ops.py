@@ -80,6 +80,12 @@ def kind(node: Node) -> str:
     raise unsupported(node)
 
 
+def relaxed_inputs(graph) -> set[int]:
+    """Value ids whose intervals the relaxations need: the inputs of every
+    non-linear node (unary, product, dot)."""
+    return {v for node in graph.nodes if kind(node) != "linear" for v in node.inputs if not isinstance(v, Const)}
+
+
 def check_supported(nodes) -> None:
     """Raise for the first node no method can bound, before any work is done."""
     for node in nodes:

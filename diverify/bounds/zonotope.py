@@ -67,7 +67,7 @@ import jax.numpy as jnp
 from diverify.bounds import elementwise
 from diverify.bounds.graph import Const, Graph, Node
 from diverify.bounds.interval import intersect, node_interval
-from diverify.bounds.ops import kind, linear_part, linear_radius
+from diverify.bounds.ops import kind, linear_part, linear_radius, relaxed_inputs
 from diverify.bounds.synthetic import simplex_weights
 from diverify.specs import Box, LpBall
 
@@ -332,9 +332,8 @@ def intervals_read(graph: Graph) -> set:
     (unary, product, dot) and of ``simplex`` nodes, and the graph's outputs.
     The others keep their interval-arithmetic interval; concretising their
     forms (a pass over every symbol) would change no relaxation."""
-    read = {v for node in graph.nodes if kind(node) != "linear" or node.name == "simplex"
-            for v in node.inputs if not isinstance(v, Const)}
-    return read | {v for v in graph.outputs if not isinstance(v, Const)}
+    simplex = {v for node in graph.nodes if node.name == "simplex" for v in node.inputs if not isinstance(v, Const)}
+    return relaxed_inputs(graph) | simplex | {v for v in graph.outputs if not isinstance(v, Const)}
 
 
 def propagate(graph: Graph, input_sets, fresh_errors: bool = True, refine=None, output_forms: bool = False):
