@@ -14,7 +14,10 @@ an interval slack::
 
 The symbol blocks ``s_b`` are the perturbed inputs (``s_b = x_i`` in its input
 set) and *error blocks* (``s_b`` in ``[-1, 1]^n``, one fresh block per
-relaxation). Affine nodes map every ``T_b`` exactly through JAX's own linear
+relaxation). A value's error blocks are stored as the rows of one tensor
+(:class:`Zonotope`), so that every node handles all of them in one operation;
+two values that carry different error blocks are aligned (zero rows) before
+they are combined. Affine nodes map every ``T_b`` exactly through JAX's own linear
 map of the primitive; nonlinear nodes keep a middle slope and put their
 remainder into the slack; a product uses ``xy = c_y x + c_x y - c_x c_y +
 (x - c_x)(y - c_y)`` with interval midpoints ``c`` and ``|(x - c_x)(y - c_y)|
@@ -83,14 +86,21 @@ KEEP_SYMBOLS = 12288
 
 @dataclasses.dataclass(frozen=True)
 class Zonotope:
-    """``v = offset + sum_b <terms[b], s_b> + [slack_lo, slack_hi]``; ``terms[b]``
-    has shape ``block_shape[b] + v.shape``."""
+    """``v = offset + sum_b <terms[b], s_b> + <errors, e> + [slack_lo, slack_hi]``.
+
+    ``terms[b]`` (input blocks) has shape ``block_shape[b] + v.shape``; the error
+    symbols of all the error blocks ``error_blocks`` are the rows of one tensor
+    ``errors`` of shape ``(m,) + v.shape`` (block after block, each flattened), so
+    that a node maps them in one operation however many relaxations they come from.
+    """
 
     terms: dict
     offset: jax.Array
     slack_lo: jax.Array
     slack_hi: jax.Array
     has_slack: bool = True
+    errors: jax.Array | None = None
+    error_blocks: tuple = ()
 
 
 @dataclasses.dataclass
@@ -109,20 +119,16 @@ class _Blocks:
             self.sets[b] = input_set
         return b
 
-    def is_error(self, b) -> bool:
-        return b not in self.sets
-
 
 def concretise(v: Zonotope, blocks: _Blocks):
     """Elementwise ``[min, max]`` of ``v`` over all its symbols."""
     lo, hi = v.offset + v.slack_lo, v.offset + v.slack_hi
+    if v.errors is not None:
+        r = jnp.sum(jnp.abs(v.errors), axis=0)
+        lo, hi = lo - r, hi + r
     for b, t in v.terms.items():
         shape = blocks.shapes[b]
         vshape = t.shape[len(shape):]
-        if blocks.is_error(b):
-            r = jnp.sum(jnp.abs(t).reshape((-1,) + vshape), axis=0)
-            lo, hi = lo - r, hi + r
-            continue
         s = blocks.sets[b]
         rows = jnp.moveaxis(t.reshape(shape + (-1,)), -1, 0)
         lo = lo + s.minimize_linear(rows).reshape(vshape)
@@ -141,6 +147,47 @@ def _map_block(f, terms, block_shape, in_avals):
     return [o.reshape(tuple(block_shape) + o.shape[1:]) for o in outs]
 
 
+def _union(*forms) -> tuple:
+    """The error blocks of all ``forms``, in creation order (the layout of a sum)."""
+    return tuple(sorted(set().union(*(z.error_blocks for z in forms))))
+
+
+def _aligned(errors, ids: tuple, layout: tuple, blocks: _Blocks):
+    """Error rows laid out as ``ids`` rearranged to ``layout`` (a superset): zero rows
+    for the blocks they do not carry. None stays None."""
+    if errors is None or ids == layout:
+        return errors
+    start, pos = {}, 0
+    for b in ids:
+        start[b] = pos
+        pos += math.prod(blocks.shapes[b])
+    pieces: list = []  # [start, stop) runs of rows, None for a run of zeros of that many rows
+    for b in layout:
+        size = math.prod(blocks.shapes[b])
+        src = start.get(b)
+        if pieces and src is not None and pieces[-1][0] is not None and pieces[-1][1] == src:
+            pieces[-1][1] += size
+        elif pieces and src is None and pieces[-1][0] is None:
+            pieces[-1][1] += size
+        else:
+            pieces.append([src, size if src is None else src + size])
+    return jnp.concatenate([jnp.zeros((stop,) + errors.shape[1:], errors.dtype) if lo is None else errors[lo:stop]
+                            for lo, stop in pieces])
+
+
+def _sum_errors(parts, blocks: _Blocks):
+    """``sum`` of (errors, ids) parts (None errors skipped), in the union layout."""
+    parts = [(e, ids) for e, ids in parts if e is not None]
+    if not parts:
+        return None, ()
+    layout = tuple(sorted(set().union(*(ids for _, ids in parts))))
+    total = None
+    for e, ids in parts:
+        e = _aligned(e, ids, layout, blocks)
+        total = e if total is None else total + e
+    return total, layout
+
+
 def _linear(node: Node, ins: list, blocks: _Blocks):
     f = linear_part(node)
     positions = node.bounded_inputs
@@ -153,21 +200,27 @@ def _linear(node: Node, ins: list, blocks: _Blocks):
         mapped = _map_block(f, [z.terms.get(b) for z in bounded], blocks.shapes[b], in_avals)
         for k, m in enumerate(mapped):
             terms[k][b] = m
+    layout = _union(*bounded)
+    errors = [None] * len(node.outputs)
+    if layout:
+        errs = [_aligned(z.errors, z.error_blocks, layout, blocks) for z in bounded]
+        errors = _map_block(f, errs, (sum(math.prod(blocks.shapes[b]) for b in layout),), in_avals)
     centers = [(z.slack_lo + z.slack_hi) / 2 for z in bounded]
     radii = [(z.slack_hi - z.slack_lo) / 2 for z in bounded]
     slack_c = f(*centers)
     slack_r = linear_radius(node, radii)
     has = any(z.has_slack for z in bounded)
-    return [Zonotope(t, o, sc - sr, sc + sr, has) for t, o, sc, sr in zip(terms, offsets, slack_c, slack_r)]
+    return [Zonotope(t, o, sc - sr, sc + sr, has, e, layout)
+            for t, o, sc, sr, e in zip(terms, offsets, slack_c, slack_r, errors)]
 
 
 def _scale(terms, s):
     return {b: t * s for b, t in terms.items()}
 
 
-def _unary(node: Node, x: Zonotope, bounds):
+def _unary(node: Node, x: Zonotope, bounds, r):
+    """``r``: the node's lines on ``bounds``."""
     l, u = bounds
-    r = elementwise.linear_bounds(node, l, u)
     s = (r.lower_slope + r.upper_slope) / 2
     dl, dh = r.lower_slope - s, r.upper_slope - s
     lo = jnp.minimum(dl * l, dl * u) + r.lower_intercept
@@ -180,7 +233,8 @@ def _unary(node: Node, x: Zonotope, bounds):
     keep = jnp.where(point, 0.0, s)
     zero = jnp.zeros_like(l)
     return Zonotope(_scale(x.terms, keep), jnp.where(point, exact, s * x.offset),
-                    jnp.where(point, zero, sl + lo), jnp.where(point, zero, sh + hi))
+                    jnp.where(point, zero, sl + lo), jnp.where(point, zero, sh + hi),
+                    errors=None if x.errors is None else x.errors * keep, error_blocks=x.error_blocks)
 
 
 def _lift(t, block_shape, shape):
@@ -205,11 +259,15 @@ def _product(node: Node, x: Zonotope, y: Zonotope, bx, by, blocks: _Blocks):
     cy, ry = (by[0] + by[1]) / 2, (by[1] - by[0]) / 2
     tx = {b: _lift(t, blocks.shapes[b], shape) * cy for b, t in x.terms.items()}
     ty = {b: _lift(t, blocks.shapes[b], shape) * cx for b, t in y.terms.items()}
+    ex = None if x.errors is None else _lift(x.errors, x.errors.shape[:1], shape) * cy
+    ey = None if y.errors is None else _lift(y.errors, y.errors.shape[:1], shape) * cx
+    errors, layout = _sum_errors([(ex, x.error_blocks), (ey, y.error_blocks)], blocks)
     offset = jnp.broadcast_to(cy * x.offset + cx * y.offset - cx * cy, shape)
     xl, xh = jnp.minimum(cy * x.slack_lo, cy * x.slack_hi), jnp.maximum(cy * x.slack_lo, cy * x.slack_hi)
     yl, yh = jnp.minimum(cx * y.slack_lo, cx * y.slack_hi), jnp.maximum(cx * y.slack_lo, cx * y.slack_hi)
     rr = rx * ry
-    return Zonotope(_add_terms(tx, ty), offset, jnp.broadcast_to(xl + yl - rr, shape), jnp.broadcast_to(xh + yh + rr, shape))
+    return Zonotope(_add_terms(tx, ty), offset, jnp.broadcast_to(xl + yl - rr, shape),
+                    jnp.broadcast_to(xh + yh + rr, shape), errors=errors, error_blocks=layout)
 
 
 def _dot(node: Node, x: Zonotope, y: Zonotope, bx, by, blocks: _Blocks):
@@ -226,21 +284,25 @@ def _dot(node: Node, x: Zonotope, y: Zonotope, bx, by, blocks: _Blocks):
         n = len(blocks.shapes[b])
         m = jax.vmap(lambda c: dot(cx, c))(t.reshape((-1,) + t.shape[n:]))
         terms = _add_terms(terms, {b: m.reshape(blocks.shapes[b] + m.shape[1:])})
+    ex = None if x.errors is None else jax.vmap(lambda a: dot(a, cy))(x.errors)
+    ey = None if y.errors is None else jax.vmap(lambda c: dot(cx, c))(y.errors)
+    errors, layout = _sum_errors([(ex, x.error_blocks), (ey, y.error_blocks)], blocks)
     offset = dot(x.offset, cy) + dot(cx, y.offset) - dot(cx, cy)
     sxc, sxr = (x.slack_lo + x.slack_hi) / 2, (x.slack_hi - x.slack_lo) / 2
     syc, syr = (y.slack_lo + y.slack_hi) / 2, (y.slack_hi - y.slack_lo) / 2
     c = dot(sxc, cy) + dot(cx, syc)
     r = dot(sxr, jnp.abs(cy)) + dot(jnp.abs(cx), syr) + dot(rx, ry)
-    return Zonotope(terms, offset, c - r, c + r)
+    return Zonotope(terms, offset, c - r, c + r, errors=errors, error_blocks=layout)
 
 
-def _error_symbols(v: Zonotope, blocks: _Blocks) -> int:
-    return sum(math.prod(blocks.shapes[b]) for b in v.terms if blocks.is_error(b))
+def _error_symbols(v: Zonotope) -> int:
+    return 0 if v.errors is None else v.errors.shape[0]
 
 
-def _reduce_errors(terms: dict, lo, hi, shape, blocks: _Blocks):
-    """Order reduction: keep the :data:`KEEP_SYMBOLS` error symbols that boxing
-    would widen most as one new block and box the rest into ``[lo, hi]``.
+def _reduce_errors(errors, lo, hi, shape, blocks: _Blocks):
+    """Order reduction: keep the :data:`KEEP_SYMBOLS` error symbols (rows of
+    ``errors``) that boxing would widen most as one new block and box the rest
+    into ``[lo, hi]``; returns (kept rows, their block ids, lo, hi).
 
     Boxing a generator ``g`` adds ``|g|`` to the box, whose fresh block then
     stands for ``g`` without its correlations across elements; a generator on
@@ -261,34 +323,36 @@ def _reduce_errors(terms: dict, lo, hi, shape, blocks: _Blocks):
     by ``n`` units of rounding (a worst-case serial sum).
     """
     n = math.prod(shape)
-    errs = jnp.concatenate([terms.pop(b).reshape((-1, n)) for b in [b for b in list(terms) if blocks.is_error(b)]])
+    errs = errors.reshape((-1, n))
     keep = min(KEEP_SYMBOLS, errs.shape[0])
     size = jnp.abs(errs)
     order = jnp.argsort(jnp.max(size, axis=1) - jnp.sum(size, axis=1))
+    kept, ids = None, ()
     if keep:
-        terms[blocks.new((keep,))] = errs[order[:keep]].reshape((keep,) + tuple(shape))
+        kept, ids = errs[order[:keep]].reshape((keep,) + tuple(shape)), (blocks.new((keep,)),)
     if keep == errs.shape[0]:
-        return terms, lo, hi
+        return kept, ids, lo, hi
     r = jnp.sum(size[order[keep:]], axis=0) * (1.0 + errs.shape[0] * float(jnp.finfo(errs.dtype).eps))
     r = r.reshape(shape)
-    return terms, lo - r, hi + r
+    return kept, ids, lo - r, hi + r
 
 
 def _fresh(v: Zonotope, blocks: _Blocks, budget: int | None = None) -> Zonotope:
-    """Reduce the error blocks when over ``budget`` (default :data:`SYMBOL_BUDGET`),
+    """Reduce the error symbols when over ``budget`` (default :data:`SYMBOL_BUDGET`),
     then turn the slack into a fresh block."""
     shape = tuple(v.offset.shape)
     n = math.prod(shape)
-    terms, lo, hi = dict(v.terms), v.slack_lo, v.slack_hi
-    if _error_symbols(v, blocks) > (SYMBOL_BUDGET if budget is None else budget):
-        terms, lo, hi = _reduce_errors(terms, lo, hi, shape, blocks)
+    errors, ids, lo, hi = v.errors, v.error_blocks, v.slack_lo, v.slack_hi
+    if _error_symbols(v) > (SYMBOL_BUDGET if budget is None else budget):
+        errors, ids, lo, hi = _reduce_errors(errors, lo, hi, shape, blocks)
     if n > FRESH_LIMIT:
-        return Zonotope(terms, v.offset, lo, hi, True)
+        return Zonotope(v.terms, v.offset, lo, hi, True, errors, ids)
     b = blocks.new(shape)
     radius = (hi - lo) / 2
-    terms[b] = (jnp.eye(n, dtype=radius.dtype) * radius.reshape(-1)).reshape(shape + shape)
+    diag = (jnp.eye(n, dtype=radius.dtype) * radius.reshape(-1)).reshape((n,) + shape)
+    errors = diag if errors is None else jnp.concatenate([errors, diag])
     zero = jnp.zeros(shape, radius.dtype)
-    return Zonotope(terms, v.offset + (lo + hi) / 2, zero, zero, False)
+    return Zonotope(v.terms, v.offset + (lo + hi) / 2, zero, zero, False, errors, ids + (b,))
 
 
 def _on_simplex(v: Zonotope, axis: int, bounds, blocks: _Blocks) -> Zonotope:
@@ -306,12 +370,15 @@ def _on_simplex(v: Zonotope, axis: int, bounds, blocks: _Blocks) -> Zonotope:
             return v
     w = simplex_weights(bounds, axis)
     rank = w.ndim
-    terms = {}
-    for b, t in v.terms.items():
+
+    def project(t):
         ax = axis + t.ndim - rank
-        terms[b] = t - w * jnp.sum(t, axis=ax, keepdims=True)
+        return t - w * jnp.sum(t, axis=ax, keepdims=True)
+
+    terms = {b: project(t) for b, t in v.terms.items()}
+    errors = None if v.errors is None else project(v.errors)
     offset = v.offset - w * (jnp.sum(v.offset, axis=axis, keepdims=True) - 1.0)
-    return dataclasses.replace(v, terms=terms, offset=offset)
+    return dataclasses.replace(v, terms=terms, offset=offset, errors=errors)
 
 
 def _last_uses(graph: Graph) -> dict:
@@ -336,7 +403,8 @@ def intervals_read(graph: Graph) -> set:
     return relaxed_inputs(graph) | simplex | {v for v in graph.outputs if not isinstance(v, Const)}
 
 
-def propagate(graph: Graph, input_sets, fresh_errors: bool = True, refine=None, output_forms: bool = False):
+def propagate(graph: Graph, input_sets, fresh_errors: bool = True, refine=None, output_forms: bool = False,
+              cache: dict | None = None):
     """Bounds of every value: returns (intervals id -> (l, u), domain flags).
 
     ``fresh_errors=True`` is the zonotope method; ``False`` keeps every
@@ -345,6 +413,8 @@ def propagate(graph: Graph, input_sets, fresh_errors: bool = True, refine=None, 
     interval of value ``vid`` (or None), intersected with the zonotope's.
     ``output_forms=True`` also returns the forms of the graph's outputs (None for
     a constant output) and their symbol blocks: (env, flags, forms, blocks).
+    ``cache``: the relaxations' lines, shared with ``refine``'s passes
+    (:func:`diverify.bounds.backward.relaxation`).
     """
     blocks = _Blocks({}, {})
     read = intervals_read(graph)
@@ -372,7 +442,12 @@ def propagate(graph: Graph, input_sets, fresh_errors: bool = True, refine=None, 
                 outs = [_on_simplex(outs[0], node.params["axis"], env[node.inputs[0]], blocks)]
         elif k == "unary":
             (x,) = node.inputs
-            outs = [_unary(node, forms[x], env[x])]
+            lines = None if cache is None else cache.get(id(node))
+            if lines is None:
+                lines = elementwise.linear_bounds(node, *env[x])
+                if cache is not None:
+                    cache[id(node)] = lines
+            outs = [_unary(node, forms[x], env[x], lines)]
             ok = jnp.all(elementwise.domain_ok(node, *env[x]))
         elif k == "product":
             x, y = node.inputs
@@ -388,11 +463,11 @@ def propagate(graph: Graph, input_sets, fresh_errors: bool = True, refine=None, 
         live.update(vid for vid in node.outputs if last_use.get(vid, -1) > idx)
         for vid, form, iv in zip(node.outputs, outs, outs_iv):
             # A cut: every other live value carries input symbols only.
-            quiet = {w for w in live if w in forms and not _error_symbols(forms[w], blocks)}
+            quiet = {w for w in live if w in forms and not _error_symbols(forms[w])}
             cut = fresh_errors and live <= {vid} | quiet
-            if cut and _error_symbols(form, blocks) > CUT_BUDGET:
+            if cut and _error_symbols(form) > CUT_BUDGET:
                 form = _fresh(form, blocks, CUT_BUDGET)
-            elif fresh_errors and (form.has_slack or _error_symbols(form, blocks) > SYMBOL_BUDGET):
+            elif fresh_errors and (form.has_slack or _error_symbols(form) > SYMBOL_BUDGET):
                 form = _fresh(form, blocks)
             forms[vid] = form
             if vid not in read:  # no relaxation reads it; an overflow (NaN) means unbounded
@@ -422,12 +497,11 @@ def l2_parts(v: Zonotope, blocks: _Blocks):
     n = math.prod(shape)
     centre = (v.offset + (v.slack_lo + v.slack_hi) / 2).reshape(-1)
     half = ((v.slack_hi - v.slack_lo) / 2).reshape(-1)
+    if v.errors is not None:
+        half = half + jnp.sum(jnp.abs(v.errors.reshape((-1, n))), axis=0)
     mats = []
     for b, t in v.terms.items():
         rows = t.reshape((-1, n))
-        if blocks.is_error(b):
-            half = half + jnp.sum(jnp.abs(rows), axis=0)
-            continue
         s = blocks.sets[b]
         if isinstance(s, LpBall) and float(s.p) == 2.0 and math.prod(s.center.shape[:-1]) == 1:
             centre = centre + jnp.matmul(s.center.reshape(-1), rows, precision=jax.lax.Precision.HIGHEST)

@@ -106,12 +106,12 @@ def test_reduction_keeps_the_symbols_boxing_would_widen_most(monkeypatch):
     spread = jnp.array([1.0, -1.0, 0.5])  # l1 2.5, boxing it widens by 2.5 - 1
     small = jnp.array([0.1, 0.2, -0.1])
     blocks = zonotope._Blocks({}, {})
-    terms = {blocks.new((3,)): jnp.stack([on_one, spread, small])}
+    blocks.new((3,))
     zero = jnp.zeros(3)
     monkeypatch.setattr(zonotope, "KEEP_SYMBOLS", 1)
-    kept, lo, hi = zonotope._reduce_errors(dict(terms), zero, zero, (3,), blocks)
-    (block,) = kept
-    np.testing.assert_array_equal(np.asarray(kept[block][0]), np.asarray(spread))
+    kept, ids, lo, hi = zonotope._reduce_errors(jnp.stack([on_one, spread, small]), zero, zero, (3,), blocks)
+    assert kept.shape == (1, 3) and len(ids) == 1
+    np.testing.assert_array_equal(np.asarray(kept[0]), np.asarray(spread))
     np.testing.assert_allclose(np.asarray(hi), [3.1, 0.2, 0.1], rtol=1e-6)
     np.testing.assert_allclose(np.asarray(lo), -np.asarray(hi))
     generators, kept_row = np.stack([on_one, spread, small]), np.asarray(spread)
@@ -243,3 +243,24 @@ def test_l2_parts_keep_the_ball_geometry(method):
     attacked = sphere_ascent(ascent, c, eps, jax.random.PRNGKey(13), steps=30)
     assert max(sampled.max(), attacked) <= bound
     assert attacked >= 0.99 * np.linalg.norm(jac, 2) * eps  # the bound is within 5% of an attained value
+
+
+def test_error_rows_of_different_blocks_are_aligned_before_they_add():
+    """Each value keeps its error symbols as the rows of one tensor; adding two values
+    that carry different blocks lays both out as the union (zero rows where a value
+    lacks a block), so a shared block's rows add and the others pass through."""
+    import jax.numpy as jnp
+    from diverify.bounds import zonotope
+
+    blocks = zonotope._Blocks({}, {})
+    a, b, c = blocks.new((2,)), blocks.new((3,)), blocks.new((1,))
+    x = np.arange(3 * 4, dtype=np.float32).reshape(3, 4)  # blocks a (rows 0-1), c (row 2)
+    y = -np.arange(4 * 4, dtype=np.float32).reshape(4, 4) - 100  # blocks b (rows 0-2), c (row 3)
+    total, layout = zonotope._sum_errors([(jnp.asarray(x), (a, c)), (jnp.asarray(y), (b, c))], blocks)
+    assert layout == (a, b, c)
+    expected = np.concatenate([x[:2], y[:3], x[2:] + y[3:]])
+    np.testing.assert_array_equal(np.asarray(total), expected)
+    xs = jnp.asarray(x)
+    assert zonotope._aligned(xs, (a, c), (a, c), blocks) is xs  # same layout: no copy
+    np.testing.assert_array_equal(np.asarray(zonotope._aligned(jnp.asarray(x), (a, c), (a, b, c), blocks)),
+                                  np.concatenate([x[:2], np.zeros((3, 4)), x[2:]]))
