@@ -95,7 +95,8 @@ def relaxation(node: Node, bounds, alpha=None, cache: dict | None = None):
     ``cache`` (node id -> relaxation; only without ``alpha``) shares them among the
     passes of one propagation, whose intervals of a node's inputs never change once
     computed: every CROWN pass that crosses the node would otherwise build the same
-    lines again (thousands of operations for a UNet's 17 GroupNorm refinements)."""
+    lines again (thousands of operations for a UNet's 17 GroupNorm refinements).
+    Affine nodes cache their transpose under the same key (:func:`_transpose`)."""
     key = id(node)
     if cache is not None and alpha is None and key in cache:
         return cache[key]
@@ -130,6 +131,19 @@ def _simplex_backward(node: Node, a_out, bounds):
     return {0: a_out - mu}, _rowsum(mu)
 
 
+def _transpose(node: Node, dtype, cache: dict | None = None):
+    """The transpose (``vjp``) of an affine node's linear part and its offsets ``f(0)``,
+    shared through ``cache`` like :func:`relaxation`."""
+    if cache is not None and id(node) in cache:
+        return cache[id(node)]
+    zeros = [jnp.zeros(node.in_avals[i].shape, dtype) for i in node.bounded_inputs]
+    _, vjp = jax.vjp(linear_part(node), *zeros)
+    out = (vjp, linear_offset(node))
+    if cache is not None:
+        cache[id(node)] = out
+    return out
+
+
 def node_backward(node: Node, a_outs, bounds, alpha=None, cache: dict | None = None):
     """Back-substitute through one node: returns ({input position: A}, bias).
     ``cache`` as in :func:`relaxation`."""
@@ -138,11 +152,8 @@ def node_backward(node: Node, a_outs, bounds, alpha=None, cache: dict | None = N
     if node.name == "simplex" and node.inputs[0] in bounds:
         return _simplex_backward(node, a_outs[0], bounds[node.inputs[0]])
     if k == "linear":
-        f = linear_part(node)
-        zeros = [jnp.zeros(node.in_avals[i].shape, a_outs[0].dtype) for i in positions]
-        _, vjp = jax.vjp(f, *zeros)
+        vjp, offsets = _transpose(node, a_outs[0].dtype, cache)
         a_ins = jax.vmap(vjp)(tuple(a_outs))
-        offsets = linear_offset(node)
         bias = sum(_rowsum(a * off[None]) for a, off in zip(a_outs, offsets))
         return dict(zip(positions, a_ins)), bias
     (a_out,) = a_outs
@@ -212,7 +223,9 @@ def crown_interval(graph: Graph, vid: int, bounds, input_sets, producer_index: i
     else:
         if cache is not None:  # relaxations built inside lax.map's body must not be cached out of it
             for node in graph.nodes[:producer_index + 1]:
-                if kind(node) != "linear" and all(v in bounds for v in node.inputs if not isinstance(v, Const)):
+                if kind(node) == "linear":
+                    _transpose(node, a0.dtype, cache)
+                elif all(v in bounds for v in node.inputs if not isinstance(v, Const)):
                     relaxation(node, bounds, cache=cache)
         pad = (-a0.shape[0]) % chunk
         padded = jnp.concatenate([a0, jnp.zeros((pad,) + a0.shape[1:], a0.dtype)])
