@@ -61,10 +61,9 @@ rounds the output boxes outward to float32; ``"float32"`` (default) bounds in
 float32 with float32 padding, a radius-independent floor (~1e-6 per
 GroupNorm input) that a UNet's up path multiplies until a GroupNorm variance
 interval reaches 0 (see benchmarks/RESULTS.md). float64 is not the default
-because it is slow on a UNet: compiled as one XLA program its bound did not
-finish compiling in 45 min on the 2-core CPU; run op by op (``eager``,
-:func:`compile_step_bound`) the digits UNet's first step takes ~5 min and each
-later one ~45 s, and local-zonotope bounds T = 10 steps within 2.3x of the attack.
+because it costs about 2x where float32 suffices (the mixture); on the digits
+UNet its step bound compiles in ~1.5 min on the 2-core CPU and then takes ~10 s
+a step, and local-zonotope bounds T = 10 steps within 2.2x of the attack.
 Each propagated radius rho_i is rounded up to float32 before it becomes the next ball.
 """
 
@@ -566,8 +565,8 @@ def compile_step_bound(chain: Chain, in_set: Any, engine_method: str,
     :class:`DiverifyError` that states the estimate, never an out-of-memory crash.
     ``eager``: trace only, and run the bound op by op (JAX compiles and caches each operation
     on first use) instead of compiling it as one XLA program; no memory estimate then. On the
-    digits UNet in float64 the whole-program compilation did not finish in 45 min, while op by op
-    the first step takes minutes and the next ones reuse every compiled operation.
+    digits UNet in float64 that skips the ~1.5 min compilation but each step takes ~4x as long
+    (~40 s instead of ~10 s on 2 CPU cores).
     """
     from diverify.bounds.api import compile_bounds
     from diverify.specs import Box
