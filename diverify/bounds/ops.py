@@ -113,13 +113,31 @@ def linear_offset(node: Node):
 
 def linear_part(node: Node):
     """The linear part ``x -> f(x) - f(0)`` of an affine node, as a function of
-    its perturbed operands returning a tuple of outputs."""
-    f = bounded_function(node)
+    its perturbed operands returning a tuple of outputs.
+
+    Evaluated directly, without ``f(0)``: a multiplicative node (one perturbed
+    operand) is already linear in it, and a structural or signed node is linear
+    in all its non-index operands jointly, so zeros in place of its constant
+    operands leave exactly the linear part (the same reading as
+    :func:`linear_radius`). Subtracting ``f(0)`` instead cost one more
+    evaluation and a pass over every symbol's coefficients per node.
+    """
+    positions = node.bounded_inputs
+    index = _index_positions(node)
+    fixed = []
+    for i, v in enumerate(node.inputs):
+        if i in positions:
+            fixed.append(None)
+        elif node.name in MULTIPLICATIVE or i in index:
+            fixed.append(v.value)
+        else:
+            fixed.append(jnp.zeros_like(jnp.asarray(v.value)))
 
     def g(*xs):
-        outs = f(*xs)
-        zero = f(*[jnp.zeros_like(x) for x in xs])
-        return tuple(o - z for o, z in zip(outs, zero))
+        args = list(fixed)
+        for i, x in zip(positions, xs):
+            args[i] = x
+        return tuple(node.evaluate(*args))
 
     return g
 
