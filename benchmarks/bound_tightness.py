@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", default=["ibp", "forward", "crown-ibp", "crown-forward", "crown"])
     p.add_argument("--precision", nargs="+", default=["float32"], choices=["float32", "float64"],
                    help="arithmetic of the bound computation; each method runs in each precision")
+    p.add_argument("--symbols", type=int, default=None,
+                   help="error symbols the zonotope keeps at each order reduction (default: the engine's)")
     p.add_argument("--out", default="benchmarks/out/bound_tightness.json")
     p.add_argument("--unsound-rel-pad", type=float, default=None, metavar="R",
                    help="DIAGNOSTIC ONLY: set the relaxations' float32 padding REL_PAD to R and LINE_PAD to R/4 (0 shows how much "
@@ -111,12 +113,13 @@ def main(argv=None):
             if precision == "float64":
                 ys = evaluate_float64(fn, pts)
             row = {"model": args.model, "layers": args.layers, "method": method, "precision": precision, "eps": eps,
+                   "symbols": args.symbols,
                    "true_range_lower": true_lower}
             if args.unsound_rel_pad is not None:
                 row["unsound_rel_pad"] = args.unsound_rel_pad
             try:
                 if bf is None:
-                    bf = compile_bounds(fn, ball, method=method, precision=precision)
+                    bf = compile_bounds(fn, ball, method=method, precision=precision, symbols=args.symbols)
                     _, compile_seconds, _ = bf.timed(ball)
                 res, _, seconds = bf.timed(ball)
             except DiverifyError as err:

@@ -526,7 +526,8 @@ def _l2_parts_function(bf: Any) -> Callable:
 
     def parts(in_set, k_box):
         sets = bf.engine_sets(in_set, k_box)
-        env, flags, forms, blocks = backward.forward_forms(bf.graph, sets, bf.method, output_forms=True)
+        env, flags, forms, blocks = backward.forward_forms(bf.graph, sets, bf.method, output_forms=True,
+                                                           symbols=bf.symbols)
         centre, half, mats = zonotope.l2_parts(forms[0], blocks)
         lo, hi = env[bf.graph.outputs[0]]
         return centre, half, mats, lo, hi, jnp.stack([jnp.asarray(f) for f in flags])

@@ -230,8 +230,8 @@ def _optimise_alphas(graph, out, a0, env, sets, steps: int, lr: float):
     return jnp.maximum(best, objective(p)[1])
 
 
-def _run(graph: Graph, method: str, spec, alpha_steps: int, alpha_lr: float, sets):
-    env, flags = backward.intermediate_bounds(graph, sets, INTERMEDIATE[method])
+def _run(graph: Graph, method: str, spec, alpha_steps: int, alpha_lr: float, sets, symbols: int | None = None):
+    env, flags = backward.intermediate_bounds(graph, sets, INTERMEDIATE[method], symbols)
     outputs = []
     for o in graph.outputs:
         if isinstance(o, Const):
@@ -291,6 +291,7 @@ class BoundFunction:
     alpha_steps: int = 20
     alpha_lr: float = 0.1
     precision: str = "float32"
+    symbols: int | None = None
 
     def context(self):
         """The JAX configuration the bound must run under: ``jax.enable_x64``
@@ -313,7 +314,8 @@ class BoundFunction:
     def unchecked(self, *sets) -> BoundResult:
         """The bound as a pure function (float64: call it inside :meth:`context`)."""
         sets = self.engine_sets(*sets)
-        outputs, intermediates, node_ok = _run(self.graph, self.method, self.spec, self.alpha_steps, self.alpha_lr, sets)
+        outputs, intermediates, node_ok = _run(self.graph, self.method, self.spec, self.alpha_steps, self.alpha_lr, sets,
+                                               self.symbols)
         outputs = [IntervalBound(*_outward_float32(b.lower, b.upper)) for b in outputs]
         intermediates = {k: IntervalBound(*_outward_float32(b.lower, b.upper)) for k, b in intermediates.items()}
         inter = INTERMEDIATE[self.method]
@@ -360,14 +362,19 @@ class BoundFunction:
 
 
 def compile_bounds(fn: Callable, *args, method: str = "crown", spec=None, alpha_steps: int = 20, alpha_lr: float = 0.1,
-                   precision: str = "float32"):
+                   precision: str = "float32", symbols: int | None = None):
     """Trace ``fn(*args)`` and return a :class:`BoundFunction` for ``method``.
 
     ``args``: input sets (perturbed) or arrays (constants). The returned
     function takes the input sets (same positions, same shapes) only.
     ``precision``: ``"float32"`` or ``"float64"`` (see the module docstring).
+    ``symbols``: how many error symbols the zonotope keeps at an order reduction
+    (zonotope methods only; default :data:`diverify.bounds.zonotope.KEEP_SYMBOLS`):
+    more is tighter and costs time and memory in proportion.
     """
     method = canonical_method(method)
+    if symbols is not None and (int(symbols) != symbols or symbols < 1):
+        raise DiverifyError(f"symbols must be a positive integer, got {symbols}")
     dtype = _dtype(precision)
     sets = [_as_input_set(a) for a in args]
     _check_sets(sets, "argument")
@@ -386,7 +393,7 @@ def compile_bounds(fn: Callable, *args, method: str = "crown", spec=None, alpha_
     if spec is not None and len(graph.outputs) != 1:
         raise DiverifyError("a spec matrix needs a function with a single array output")
     return BoundFunction(graph, method, perturbed, tuple(a for a, p in zip(args, perturbed) if not p), spec, alpha_steps, alpha_lr,
-                         precision)
+                         precision, None if symbols is None else int(symbols))
 
 
 def bound(fn: Callable, *args, method: str = "crown", spec=None, alpha_steps: int = 20, alpha_lr: float = 0.1,

@@ -249,10 +249,10 @@ def refined_by_crown(graph: Graph) -> set[int]:
             and math.prod(graph.avals[node.inputs[0]].shape) <= REFINE_LIMIT}
 
 
-def forward_forms(graph: Graph, input_sets, method: str, output_forms: bool = False):
+def forward_forms(graph: Graph, input_sets, method: str, output_forms: bool = False, symbols: int | None = None):
     """:func:`diverify.bounds.zonotope.propagate` for ``method`` ``"forward"`` or ``"zonotope"``, the
     latter with the normalisation variances tightened by CROWN (:func:`refined_by_crown`);
-    ``output_forms`` as there."""
+    ``output_forms`` and ``symbols`` (the zonotope's order-reduction budget) as there."""
     refine = None
     cache: dict = {}
     if method == "zonotope":
@@ -262,10 +262,10 @@ def forward_forms(graph: Graph, input_sets, method: str, output_forms: bool = Fa
             return crown_interval(graph, vid, env, input_sets, idx, cache=cache) if vid in targets else None
 
     return zonotope.propagate(graph, input_sets, fresh_errors=method == "zonotope", refine=refine,
-                              output_forms=output_forms, cache=cache)
+                              output_forms=output_forms, cache=cache, symbols=symbols)
 
 
-def intermediate_bounds(graph: Graph, input_sets, method: str = "crown"):
+def intermediate_bounds(graph: Graph, input_sets, method: str = "crown", symbols: int | None = None):
     """Intervals of every value (dict id -> (l, u)) and the per-node domain flags.
 
     Nodes are visited in order; each value gets its IBP interval computed from
@@ -276,10 +276,12 @@ def intermediate_bounds(graph: Graph, input_sets, method: str = "crown"):
     is). ``method="ibp"`` keeps the IBP intervals (CROWN-IBP);
     ``method="forward"`` takes forward linear bounds and ``method="zonotope"``
     zonotope bounds (both :mod:`diverify.bounds.zonotope`), the latter with
-    the normalisation variances tightened by CROWN (:func:`refined_by_crown`).
+    the normalisation variances tightened by CROWN (:func:`refined_by_crown`;
+    ``symbols``: the zonotope's order-reduction budget, see
+    :func:`diverify.bounds.zonotope.propagate`).
     """
     if method in ("forward", "zonotope"):
-        return forward_forms(graph, input_sets, method)
+        return forward_forms(graph, input_sets, method, symbols=symbols)
     env = dict(zip(graph.inputs, [s.interval() for s in input_sets]))
     needed = relaxed_inputs(graph) if method == "crown" else set()
     cache: dict = {}

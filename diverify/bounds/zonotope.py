@@ -105,11 +105,13 @@ class Zonotope:
 
 @dataclasses.dataclass
 class _Blocks:
-    """The symbol blocks of one propagation: shapes, and input sets for input blocks."""
+    """The symbol blocks of one propagation: shapes, input sets for input blocks,
+    and its order-reduction budgets (``symbols`` kept; None: :data:`KEEP_SYMBOLS`)."""
 
     shapes: dict
     sets: dict
     count: int = 0
+    symbols: int | None = None
 
     def new(self, shape, input_set=None) -> int:
         b = self.count
@@ -118,6 +120,18 @@ class _Blocks:
         if input_set is not None:
             self.sets[b] = input_set
         return b
+
+    @property
+    def keep(self) -> int:
+        return KEEP_SYMBOLS if self.symbols is None else self.symbols
+
+    @property
+    def cut(self) -> int:
+        return CUT_BUDGET if self.symbols is None else self.symbols + 1024
+
+    @property
+    def cap(self) -> int:
+        return SYMBOL_BUDGET if self.symbols is None else 2 * self.symbols
 
 
 def concretise(v: Zonotope, blocks: _Blocks):
@@ -324,7 +338,7 @@ def _reduce_errors(errors, lo, hi, shape, blocks: _Blocks):
     """
     n = math.prod(shape)
     errs = errors.reshape((-1, n))
-    keep = min(KEEP_SYMBOLS, errs.shape[0])
+    keep = min(blocks.keep, errs.shape[0])
     size = jnp.abs(errs)
     order = jnp.argsort(jnp.max(size, axis=1) - jnp.sum(size, axis=1))
     kept, ids = None, ()
@@ -338,12 +352,12 @@ def _reduce_errors(errors, lo, hi, shape, blocks: _Blocks):
 
 
 def _fresh(v: Zonotope, blocks: _Blocks, budget: int | None = None) -> Zonotope:
-    """Reduce the error symbols when over ``budget`` (default :data:`SYMBOL_BUDGET`),
+    """Reduce the error symbols when over ``budget`` (default: the hard cap, :data:`SYMBOL_BUDGET`),
     then turn the slack into a fresh block."""
     shape = tuple(v.offset.shape)
     n = math.prod(shape)
     errors, ids, lo, hi = v.errors, v.error_blocks, v.slack_lo, v.slack_hi
-    if _error_symbols(v) > (SYMBOL_BUDGET if budget is None else budget):
+    if _error_symbols(v) > (blocks.cap if budget is None else budget):
         errors, ids, lo, hi = _reduce_errors(errors, lo, hi, shape, blocks)
     if n > FRESH_LIMIT:
         return Zonotope(v.terms, v.offset, lo, hi, True, errors, ids)
@@ -404,7 +418,7 @@ def intervals_read(graph: Graph) -> set:
 
 
 def propagate(graph: Graph, input_sets, fresh_errors: bool = True, refine=None, output_forms: bool = False,
-              cache: dict | None = None):
+              cache: dict | None = None, symbols: int | None = None):
     """Bounds of every value: returns (intervals id -> (l, u), domain flags).
 
     ``fresh_errors=True`` is the zonotope method; ``False`` keeps every
@@ -414,9 +428,11 @@ def propagate(graph: Graph, input_sets, fresh_errors: bool = True, refine=None, 
     ``output_forms=True`` also returns the forms of the graph's outputs (None for
     a constant output) and their symbol blocks: (env, flags, forms, blocks).
     ``cache``: the relaxations' lines, shared with ``refine``'s passes
-    (:func:`diverify.bounds.backward.relaxation`).
+    (:func:`diverify.bounds.backward.relaxation`). ``symbols``: the error symbols
+    a reduction keeps (cut budget ``symbols + 1024``, hard cap ``2 symbols``);
+    None takes :data:`KEEP_SYMBOLS`, :data:`CUT_BUDGET` and :data:`SYMBOL_BUDGET`.
     """
-    blocks = _Blocks({}, {})
+    blocks = _Blocks({}, {}, symbols=symbols)
     read = intervals_read(graph)
     forms: dict = {}
     env: dict = {}
@@ -465,9 +481,9 @@ def propagate(graph: Graph, input_sets, fresh_errors: bool = True, refine=None, 
             # A cut: every other live value carries input symbols only.
             quiet = {w for w in live if w in forms and not _error_symbols(forms[w])}
             cut = fresh_errors and live <= {vid} | quiet
-            if cut and _error_symbols(form) > CUT_BUDGET:
-                form = _fresh(form, blocks, CUT_BUDGET)
-            elif fresh_errors and (form.has_slack or _error_symbols(form) > SYMBOL_BUDGET):
+            if cut and _error_symbols(form) > blocks.cut:
+                form = _fresh(form, blocks, blocks.cut)
+            elif fresh_errors and (form.has_slack or _error_symbols(form) > blocks.cap):
                 form = _fresh(form, blocks)
             forms[vid] = form
             if vid not in read:  # no relaxation reads it; an overflow (NaN) means unbounded

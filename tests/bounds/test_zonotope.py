@@ -264,3 +264,25 @@ def test_error_rows_of_different_blocks_are_aligned_before_they_add():
     assert zonotope._aligned(xs, (a, c), (a, c), blocks) is xs  # same layout: no copy
     np.testing.assert_array_equal(np.asarray(zonotope._aligned(jnp.asarray(x), (a, c), (a, b, c), blocks)),
                                   np.concatenate([x[:2], np.zeros((3, 4)), x[2:]]))
+
+
+def test_the_symbol_budget_is_a_parameter_sound_at_every_value():
+    """``compile_bounds(..., symbols=N)``: a reduction keeps N error symbols (cut at N + 1024, cap
+    2N); every budget is sound, a larger one no wider, and a budget below 1 is refused."""
+    from diverify.errors import DiverifyError
+
+    weights = [jax.random.normal(jax.random.PRNGKey(k), (12, 12)) * 0.6 for k in range(6)]
+    fn = lambda x: _deep_tanh(x, weights)  # noqa: E731
+    x0 = jax.random.normal(jax.random.PRNGKey(9), (12,))
+    box = Box(x0 - 0.05, x0 + 0.05)
+    widths = {}
+    for symbols in (2, 8, None):
+        bf = compile_bounds(fn, box, method="zonotope", symbols=symbols)
+        assert bf.symbols == symbols
+        out = bf(box).output
+        check_sound(fn, box, out, jax.random.PRNGKey(1), n=128, attack_directions=4)
+        widths[symbols] = float(np.mean(np.asarray(out.upper - out.lower)))
+    assert widths[None] <= widths[8] < widths[2], widths
+    for bad in (0, -3, 2.5):
+        with pytest.raises(DiverifyError, match="symbols"):
+            compile_bounds(fn, box, method="zonotope", symbols=bad)
