@@ -37,6 +37,7 @@ def test_bounds_json_contains_the_center(model_dir):
     (["--eps", "-1", "--positions", "1"], "--eps must be >= 0"),
     (["--eps", "0.1", "--positions", "9"], "out of range"),
     (["--eps", "0.1", "--positions", "1", "--method", "magic"], "unknown bound method"),
+    (["--eps", "0.1", "--positions", "1", "--symbols", "0"], "--symbols must be a positive integer"),
 ])
 def test_bad_specifications_are_one_line_errors(model_dir, argv, message):
     res = run("bounds", "--model", model_dir, "--ids", "2,7,11,5,3", *argv)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from diverify.commands import _cmav_args as common
-from diverify.errors import DiverifyError
 
 EPILOG = """\
 examples:
@@ -23,10 +22,7 @@ def register(subparsers) -> None:
     common.add_prompt_options(parser)
     common.add_ball_options(parser)
     common.add_precision_option(parser)
-    parser.add_argument("--symbols", type=int, default=None, metavar="N",
-                        help="error symbols the zonotope methods keep at each order reduction (default 12288): more is "
-                             "tighter and costs time and memory in proportion (the full MiniLM at eps 1e-5, float64: "
-                             "22x the true range with 12288, 1.6x with 16384 at ~12 GB)")
+    common.add_symbols_option(parser)
     parser.set_defaults(func=handler)
 
 
@@ -40,8 +36,7 @@ def handler(args) -> int:
     from diverify.results import dumps
 
     eps = common.check_eps(args.eps)
-    if args.symbols is not None and args.symbols < 1:
-        raise DiverifyError(f"--symbols must be a positive integer, got {args.symbols}")
+    common.check_symbols(args.symbols)
     enc, prompt = common.load(args)
     pos = common.positions(args, prompt)
     ball = cmav.embedding_ball(enc, prompt, pos, eps, common.norm_value(args.norm))

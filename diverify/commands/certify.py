@@ -40,6 +40,7 @@ def register(subparsers) -> None:
     parser.add_argument("--words", nargs="+", metavar="W", help="perturb the positions of these words of the prompt")
     common.add_ball_options(parser)
     common.add_precision_option(parser)
+    common.add_symbols_option(parser)
     parser.add_argument("--substitutions", nargs="+", metavar="W=a,b,c",
                         help="substitution set: word W of the prompt may become any of a, b, c (bound methods: "
                              "their convex hull; --method exhaustive: exactly these tokens)")
@@ -91,7 +92,8 @@ def handler(args) -> int:
         s = cmav.embedding_ball(enc, prompt, common.positions(args, prompt), eps, common.norm_value(args.norm))
         table = None
     cert = cmav.certify(enc, prompt, s, args.restricted, args.threshold, method=args.method, table_ids=table,
-                        attack=not args.no_attack, seed=args.seed, precision=args.precision)
+                        attack=not args.no_attack, seed=args.seed, precision=args.precision,
+                        symbols=common.check_symbols(args.symbols))
     if args.json:
         print(dumps(cert))
         return 0

@@ -24,6 +24,7 @@ def register(subparsers) -> None:
     common.add_prompt_options(parser)
     common.add_ball_options(parser, eps_required=False)
     common.add_precision_option(parser)
+    common.add_symbols_option(parser)
     parser.add_argument("--restricted", nargs="+", required=True, metavar="TEXT")
     parser.add_argument("--threshold", type=float, required=True, metavar="TAU")
     parser.add_argument("--eps-max", type=float, default=0.1, help="upper end of the search (default 0.1)")
@@ -38,13 +39,14 @@ def handler(args) -> int:
     from diverify.results import dumps
 
     common.check_eps(args.eps_max)
+    common.check_symbols(args.symbols)
     enc, prompt = common.load(args)
     pos = common.positions(args, prompt)
     with tqdm(total=args.steps, desc="bisection", disable=args.json, leave=False) as bar:
         res = cmav.certified_radius(enc, prompt, pos, args.restricted, args.threshold,
                                     norm=common.norm_value(args.norm), method=args.method,
                                     eps_max=args.eps_max, steps=args.steps, progress=lambda n: bar.update(1),
-                                    precision=args.precision)
+                                    precision=args.precision, symbols=args.symbols)
     if args.json:
         print(dumps(res))
         return 0
