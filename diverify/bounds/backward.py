@@ -262,7 +262,8 @@ def forward_forms(graph: Graph, input_sets, method: str, output_forms: bool = Fa
             return crown_interval(graph, vid, env, input_sets, idx, cache=cache) if vid in targets else None
 
     return zonotope.propagate(graph, input_sets, fresh_errors=method == "zonotope", refine=refine,
-                              output_forms=output_forms, cache=cache, symbols=symbols)
+                              output_forms=output_forms, symbols=symbols,
+                              lines=lambda node, env: relaxation(node, env, cache=cache))
 
 
 def intermediate_bounds(graph: Graph, input_sets, method: str = "crown", symbols: int | None = None):

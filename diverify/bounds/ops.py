@@ -92,12 +92,14 @@ def check_supported(nodes) -> None:
         kind(node)
 
 
-def bounded_function(node: Node):
-    """``f(*perturbed_operands)`` with the node's constants fixed."""
+def bounded_function(node: Node, constants=None):
+    """``f(*perturbed_operands)`` with the node's constants fixed (``constants``:
+    one value per operand position, None at the perturbed ones; default the node's own)."""
     positions = node.bounded_inputs
+    fixed = [v.value if isinstance(v, Const) else None for v in node.inputs] if constants is None else list(constants)
 
     def f(*xs):
-        args = [v.value if isinstance(v, Const) else None for v in node.inputs]
+        args = list(fixed)
         for i, x in zip(positions, xs):
             args[i] = x
         return node.evaluate(*args)
@@ -122,24 +124,11 @@ def linear_part(node: Node):
     :func:`linear_radius`). Subtracting ``f(0)`` instead cost one more
     evaluation and a pass over every symbol's coefficients per node.
     """
-    positions = node.bounded_inputs
     index = _index_positions(node)
-    fixed = []
-    for i, v in enumerate(node.inputs):
-        if i in positions:
-            fixed.append(None)
-        elif node.name in MULTIPLICATIVE or i in index:
-            fixed.append(v.value)
-        else:
-            fixed.append(jnp.zeros_like(jnp.asarray(v.value)))
-
-    def g(*xs):
-        args = list(fixed)
-        for i, x in zip(positions, xs):
-            args[i] = x
-        return tuple(node.evaluate(*args))
-
-    return g
+    constants = [None if not isinstance(v, Const) else v.value if node.name in MULTIPLICATIVE or i in index
+                 else jnp.zeros_like(jnp.asarray(v.value)) for i, v in enumerate(node.inputs)]
+    f = bounded_function(node, constants)
+    return lambda *xs: tuple(f(*xs))
 
 
 def linear_radius(node: Node, radii):

@@ -418,7 +418,7 @@ def intervals_read(graph: Graph) -> set:
 
 
 def propagate(graph: Graph, input_sets, fresh_errors: bool = True, refine=None, output_forms: bool = False,
-              cache: dict | None = None, symbols: int | None = None):
+              lines=None, symbols: int | None = None):
     """Bounds of every value: returns (intervals id -> (l, u), domain flags).
 
     ``fresh_errors=True`` is the zonotope method; ``False`` keeps every
@@ -427,8 +427,10 @@ def propagate(graph: Graph, input_sets, fresh_errors: bool = True, refine=None, 
     interval of value ``vid`` (or None), intersected with the zonotope's.
     ``output_forms=True`` also returns the forms of the graph's outputs (None for
     a constant output) and their symbol blocks: (env, flags, forms, blocks).
-    ``cache``: the relaxations' lines, shared with ``refine``'s passes
-    (:func:`diverify.bounds.backward.relaxation`). ``symbols``: the error symbols
+    ``lines(node, env)``, when given, returns a unary node's lines (default
+    :func:`diverify.bounds.elementwise.linear_bounds` on its input's interval;
+    :func:`diverify.bounds.backward.forward_forms` shares them with ``refine``'s
+    passes). ``symbols``: the error symbols
     a reduction keeps (cut budget ``symbols + 1024``, hard cap ``2 symbols``);
     None takes :data:`KEEP_SYMBOLS`, :data:`CUT_BUDGET` and :data:`SYMBOL_BUDGET`.
     """
@@ -458,12 +460,8 @@ def propagate(graph: Graph, input_sets, fresh_errors: bool = True, refine=None, 
                 outs = [_on_simplex(outs[0], node.params["axis"], env[node.inputs[0]], blocks)]
         elif k == "unary":
             (x,) = node.inputs
-            lines = None if cache is None else cache.get(id(node))
-            if lines is None:
-                lines = elementwise.linear_bounds(node, *env[x])
-                if cache is not None:
-                    cache[id(node)] = lines
-            outs = [_unary(node, forms[x], env[x], lines)]
+            r = elementwise.linear_bounds(node, *env[x]) if lines is None else lines(node, env)
+            outs = [_unary(node, forms[x], env[x], r)]
             ok = jnp.all(elementwise.domain_ok(node, *env[x]))
         elif k == "product":
             x, y = node.inputs

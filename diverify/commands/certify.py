@@ -81,6 +81,7 @@ def handler(args) -> int:
     from diverify import cmav
     from diverify.results import dumps
 
+    symbols = common.check_symbols(args.symbols)
     enc, prompt = common.load(args)
     args._encoder = enc
     if args.substitutions:
@@ -93,7 +94,7 @@ def handler(args) -> int:
         table = None
     cert = cmav.certify(enc, prompt, s, args.restricted, args.threshold, method=args.method, table_ids=table,
                         attack=not args.no_attack, seed=args.seed, precision=args.precision,
-                        symbols=common.check_symbols(args.symbols))
+                        symbols=symbols)
     if args.json:
         print(dumps(cert))
         return 0
