@@ -101,7 +101,7 @@ def throughput(args, encoder, triggered, predicate, sampler, mesh=None):
     chunk = -(-args.batch // ndev) * ndev
     sharded = NamedSharding(mesh, PartitionSpec("samples"))
     plan = reparam.local_plan(predicate, encoder.params, pert) if sampler == "local" else None
-    compiled = sampling._count_chunk.lower(
+    compiled = sampling._count_chunk().lower(
         predicate, pert, plan, encoder.params, jax.random.key(0), jnp.float32(args.sigma),
         jax.device_put(np.zeros(chunk, np.uint32), sharded), jax.device_put(np.ones(chunk, bool), sharded)).compile()
     memory = compiled.memory_analysis()

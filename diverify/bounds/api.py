@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from diverify import xla_options
 from diverify.bounds import backward, ops
 from diverify.bounds.graph import Const, Graph, trace
 from diverify.bounds.interval import IntervalBound, intersect
@@ -300,7 +301,7 @@ class BoundFunction:
 
     @functools.cached_property
     def _compiled(self):
-        return jax.jit(self.unchecked)
+        return xla_options.jit(self.unchecked)
 
     @functools.cached_property
     def _executables(self) -> dict:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import math
 import re
 import time
@@ -44,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from diverify import xla_options
 from diverify.errors import DiverifyError
 
 Params = Any
@@ -233,9 +235,11 @@ def _count_chunk_impl(predicate: Predicate, perturbation: Perturbation, plan, pa
     return jnp.sum(jnp.logical_and(hits, valid).astype(jnp.int32))
 
 
-# Module-level jit, compiled ahead of time per (predicate, perturbation, plan, shapes,
-# shardings) and cached by JAX, so repeated certificates (seeds, sigmas) do not recompile.
-_count_chunk = jax.jit(_count_chunk_impl, static_argnums=(0, 1, 2))
+@functools.cache
+def _count_chunk():
+    """One jit for the process, compiled ahead of time per (predicate, perturbation, plan, shapes,
+    shardings) and cached by JAX, so repeated certificates (seeds, sigmas) do not recompile."""
+    return xla_options.jit(_count_chunk_impl, static_argnums=(0, 1, 2))
 
 
 def sample_mesh(devices: list[jax.Device] | None = None) -> Mesh:
@@ -290,7 +294,7 @@ def count_hits_timed(predicate: Predicate, params: Params, perturbation: Perturb
         valid = np.arange(chunk) < len(part)
         return jax.device_put(indices, sharded), jax.device_put(valid, sharded)
 
-    compiled = _count_chunk.lower(predicate, perturbation, plan, params, key, sigma_arr,
+    compiled = _count_chunk().lower(predicate, perturbation, plan, params, key, sigma_arr,
                                   *chunk_arrays(local[:chunk])).compile()
     compile_seconds = time.perf_counter() - start
     start = time.perf_counter()

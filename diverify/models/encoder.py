@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diverify import xla_options
 from diverify.errors import DiverifyError
 from diverify.models import bert, clip
 from diverify.models.checkpoint import load_params, model_directory, read_config
@@ -222,7 +223,7 @@ def _embed_fn(arch: str, config, pooling: str, normalize: bool):
         pooled = encoder.pooled_from_word_embeddings(params, word_emb, mask, ids)
         return l2_normalize(pooled) if normalize else pooled
 
-    return jax.jit(embed)
+    return xla_options.jit(embed)
 
 
 @functools.lru_cache(maxsize=8)

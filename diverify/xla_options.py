@@ -1,0 +1,47 @@
+"""XLA compiler options for diverify's compiled programs.
+
+On the CPU, XLA (jaxlib 0.10) hands elementwise, reduction and dot fusions to
+the YNNPACK library by default. On diverify's programs that is slower: YNNPACK
+packs operands into freshly allocated buffers on every call, and the kernel
+spends its time zeroing new pages (``perf``: 20% of the tiny-BERT bound
+command in ``clear_page_erms`` under ``ynn::packer::pack``). With YNNPACK
+fusions off (``xla_cpu_experimental_ynn_fusion_type=""``, XLA's own fused
+loops and Eigen dots instead) the tiny-BERT zonotope bound takes 0.43-0.48 s
+instead of 1.1-1.4 s (its first call 0.5-0.8 s instead of 3.0-3.4 s), and a
+MiniLM forward of one sentence 4.8 ms instead of 6.6 ms (see
+``benchmarks/RESULTS.md``, "Stop 21").
+
+The options are passed per compilation (``jax.jit(..., compiler_options=)``),
+never through ``XLA_FLAGS``, so they apply to diverify's own programs only,
+and an XLA that does not know an option (it is named "experimental") is
+detected once by compiling a trivial function and then simply not given it:
+the programs compute the same function either way, only their speed differs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+#: XLA:CPU options diverify compiles its programs with (when the backend accepts them).
+CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.cache
+def compiler_options() -> dict[str, Any]:
+    """The options of :data:`CPU_OPTIONS` this process's default backend accepts (none off the CPU)."""
+    if jax.default_backend() != "cpu":
+        return {}
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=CPU_OPTIONS)(jnp.zeros((), jnp.float32)).block_until_ready()
+    except Exception:  # an XLA without the option: "No such compile option"
+        return {}
+    return dict(CPU_OPTIONS)
+
+
+def jit(fn: Callable, **kwargs) -> Callable:
+    """``jax.jit(fn, **kwargs)`` with :func:`compiler_options`."""
+    return jax.jit(fn, compiler_options=compiler_options() or None, **kwargs)
