@@ -6,9 +6,13 @@ packs operands into freshly allocated buffers on every call, and the kernel
 spends its time zeroing new pages (``perf``: 20% of the tiny-BERT bound
 command in ``clear_page_erms`` under ``ynn::packer::pack``). With YNNPACK
 fusions off (``xla_cpu_experimental_ynn_fusion_type=""``, XLA's own fused
-loops and Eigen dots instead) the tiny-BERT zonotope bound takes 0.43-0.48 s
+loops and Eigen dots instead) the tiny-BERT zonotope bound takes 0.40-0.48 s
 instead of 1.1-1.4 s (its first call 0.5-0.8 s instead of 3.0-3.4 s), and a
-MiniLM forward of one sentence 4.8 ms instead of 6.6 ms (see
+MiniLM forward of one sentence 4.8 ms instead of 6.6 ms. On the large float64
+programs it is the other way round: YNNPACK's elementwise fusions are faster
+there (the digits UNet's step bound: 14 s a step with them, 25 s without; the
+6-layer MiniLM crown-zonotope bound: 60 s with, 70 s without, though 8.6
+instead of 10.2 GB peak). So the options apply to float32 programs only (see
 ``benchmarks/RESULTS.md``, "Stop 21").
 
 The options are passed per compilation (``jax.jit(..., compiler_options=)``),
@@ -30,9 +34,15 @@ import jax.numpy as jnp
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
+def compiler_options(dtype: Any = jnp.float32) -> dict[str, Any]:
+    """The options for a program computing in ``dtype``: :data:`CPU_OPTIONS` for float32 when this
+    process's default backend accepts them, else none."""
+    return _accepted_cpu_options() if jnp.dtype(dtype) == jnp.float32 else {}
+
+
 @functools.cache
-def compiler_options() -> dict[str, Any]:
-    """The options of :data:`CPU_OPTIONS` this process's default backend accepts (none off the CPU)."""
+def _accepted_cpu_options() -> dict[str, Any]:
+    """:data:`CPU_OPTIONS` if the default backend is the CPU and its XLA accepts them, else none."""
     if jax.default_backend() != "cpu":
         return {}
     try:
@@ -42,6 +52,6 @@ def compiler_options() -> dict[str, Any]:
     return dict(CPU_OPTIONS)
 
 
-def jit(fn: Callable, **kwargs) -> Callable:
-    """``jax.jit(fn, **kwargs)`` with :func:`compiler_options`."""
-    return jax.jit(fn, compiler_options=compiler_options() or None, **kwargs)
+def jit(fn: Callable, dtype: Any = jnp.float32, **kwargs) -> Callable:
+    """``jax.jit(fn, **kwargs)`` with the :func:`compiler_options` of a program computing in ``dtype``."""
+    return jax.jit(fn, compiler_options=compiler_options(dtype) or None, **kwargs)

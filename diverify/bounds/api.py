@@ -299,9 +299,14 @@ class BoundFunction:
         for float64. Wrap calls of :meth:`unchecked` (under ``vmap``/``jit``) in it."""
         return jax.enable_x64(self.precision == "float64")
 
+    @property
+    def dtype(self):
+        """The engine's float dtype (``precision``)."""
+        return _dtype(self.precision)
+
     @functools.cached_property
     def _compiled(self):
-        return xla_options.jit(self.unchecked)
+        return xla_options.jit(self.unchecked, self.dtype)
 
     @functools.cached_property
     def _executables(self) -> dict:
@@ -310,7 +315,7 @@ class BoundFunction:
 
     def engine_sets(self, *sets) -> list:
         """The input sets with every floating leaf in the engine's dtype (``precision``)."""
-        return _promote(list(sets), _dtype(self.precision))
+        return _promote(list(sets), self.dtype)
 
     def unchecked(self, *sets) -> BoundResult:
         """The bound as a pure function (float64: call it inside :meth:`context`)."""
