@@ -1,7 +1,7 @@
 """XLA compiler options for diverify's compiled programs.
 
 On the CPU, XLA (jaxlib 0.10) hands elementwise, reduction and dot fusions to
-the YNNPACK library by default. On diverify's programs that is slower: YNNPACK
+the YNNPACK library by default. On diverify's float32 programs that is slower: YNNPACK
 packs operands into freshly allocated buffers on every call, and the kernel
 spends its time zeroing new pages (``perf``: 20% of the tiny-BERT bound
 command in ``clear_page_erms`` under ``ynn::packer::pack``). With YNNPACK
