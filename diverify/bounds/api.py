@@ -367,6 +367,16 @@ class BoundFunction:
         return result
 
 
+def check_symbols(symbols, name: str = "symbols") -> int | None:
+    """``symbols`` (a zonotope order-reduction budget, None for the default) as an int; a
+    :class:`DiverifyError` naming ``name`` unless it is a positive integer."""
+    if symbols is None:
+        return None
+    if int(symbols) != symbols or symbols < 1:
+        raise DiverifyError(f"{name} must be a positive integer, got {symbols}")
+    return int(symbols)
+
+
 def compile_bounds(fn: Callable, *args, method: str = "crown", spec=None, alpha_steps: int = 20, alpha_lr: float = 0.1,
                    precision: str = "float32", symbols: int | None = None):
     """Trace ``fn(*args)`` and return a :class:`BoundFunction` for ``method``.
@@ -379,8 +389,7 @@ def compile_bounds(fn: Callable, *args, method: str = "crown", spec=None, alpha_
     more is tighter and costs time and memory in proportion.
     """
     method = canonical_method(method)
-    if symbols is not None and (int(symbols) != symbols or symbols < 1):
-        raise DiverifyError(f"symbols must be a positive integer, got {symbols}")
+    symbols = check_symbols(symbols)
     dtype = _dtype(precision)
     sets = [_as_input_set(a) for a in args]
     _check_sets(sets, "argument")
@@ -399,7 +408,7 @@ def compile_bounds(fn: Callable, *args, method: str = "crown", spec=None, alpha_
     if spec is not None and len(graph.outputs) != 1:
         raise DiverifyError("a spec matrix needs a function with a single array output")
     return BoundFunction(graph, method, perturbed, tuple(a for a, p in zip(args, perturbed) if not p), spec, alpha_steps, alpha_lr,
-                         precision, None if symbols is None else int(symbols))
+                         precision, symbols)
 
 
 def bound(fn: Callable, *args, method: str = "crown", spec=None, alpha_steps: int = 20, alpha_lr: float = 0.1,

@@ -40,9 +40,10 @@ def add_symbols_option(parser: argparse.ArgumentParser) -> None:
 
 
 def check_symbols(symbols) -> int | None:
-    if symbols is not None and symbols < 1:
-        raise DiverifyError(f"--symbols must be a positive integer, got {symbols}")
-    return symbols
+    """``--symbols`` checked before the model loads, by the engine's own rule."""
+    from diverify.bounds.api import check_symbols as check
+
+    return check(symbols, "--symbols")
 
 
 def add_ball_options(parser: argparse.ArgumentParser, eps_required: bool = True) -> None:
