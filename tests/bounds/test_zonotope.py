@@ -286,3 +286,44 @@ def test_the_symbol_budget_is_a_parameter_sound_at_every_value():
     for bad in (0, -3, 2.5):
         with pytest.raises(DiverifyError, match="symbols"):
             compile_bounds(fn, box, method="zonotope", symbols=bad)
+
+
+def _norm_stack(x, weights):
+    """Three of (residual tanh layer, LayerNorm), then the mean over tokens."""
+    from diverify.models.layers import layer_norm
+
+    ones, zeros = jax.numpy.ones(x.shape[-1]), jax.numpy.zeros(x.shape[-1])
+    for w in weights:
+        x = layer_norm(x + jax.numpy.tanh(x @ w), ones, zeros, 1e-5)
+    return jax.numpy.mean(x, axis=0)
+
+
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_reduced_own_errors_become_one_symbol_per_reduced_element_at_no_cost(monkeypatch, precision):
+    """A ``reduce_sum`` of a value's own fresh (diagonal) errors that no other value carries (a
+    variance's squares) boxes them into one symbol per output element: far fewer symbols,
+    the same bound (each symbol moved one element, so its box is the set itself), sound."""
+    from diverify.bounds import zonotope
+
+    weights = [jax.random.normal(jax.random.PRNGKey(k), (16, 16)) * 0.3 for k in range(3)]
+    fn = lambda x: _norm_stack(x, weights)  # noqa: E731
+    x0 = jax.random.normal(jax.random.PRNGKey(3), (5, 16))
+    box = Box(x0 - 0.01, x0 + 0.01)
+    boxed = []
+    real = zonotope._box_exclusive
+
+    def spy(v, candidates, blocks):
+        out = real(v, candidates, blocks)
+        boxed.append(zonotope._error_symbols(v) - zonotope._error_symbols(out))
+        return out
+
+    monkeypatch.setattr(zonotope, "_box_exclusive", spy)
+    lean = compile_bounds(fn, box, method="zonotope", precision=precision)(box).output
+    assert boxed == [5 * 16 - 5] * 3, boxed  # each variance's squares: 80 symbols -> 5
+    check_sound(fn, box, lean, jax.random.PRNGKey(4), n=128, attack_directions=4)
+    monkeypatch.setattr(zonotope, "_box_exclusive", lambda v, candidates, blocks: v)
+    full = compile_bounds(fn, box, method="zonotope", precision=precision)(box).output
+    width = float(np.mean(np.asarray(full.upper - full.lower)))
+    tol = (1e-5 if precision == "float32" else 1e-12) * width
+    for a, b in [(lean.lower, full.lower), (lean.upper, full.upper)]:
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=tol)
