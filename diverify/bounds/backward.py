@@ -233,19 +233,27 @@ def crown_interval(graph: Graph, vid: int, bounds, input_sets, producer_index: i
     return low[:n].reshape(shape), -low[n:].reshape(shape)
 
 
-#: Inputs of ``rsqrt``/``sqrt`` with at most this many elements get CROWN bounds in the zonotope method.
-REFINE_LIMIT = 256
+#: Inputs of ``rsqrt``/``sqrt``/``reciprocal`` with at most this many elements get CROWN bounds in the zonotope method.
+REFINE_LIMIT = 1024
+#: The nodes whose (small) inputs :func:`refined_by_crown` selects.
+REFINED_INPUTS = ("rsqrt", "sqrt", "reciprocal")
+#: Rows per backward pass of those refinements (``lax.map`` over chunks): MiniLM, 3 layers, float64,
+#: the softmax denominators' 1176 rows in one pass: 32.1 s, 12.6 GB peak; in chunks of 256: 27.5 s, 9.1 GB.
+REFINE_CHUNK = 256
 
 
 def refined_by_crown(graph: Graph) -> set[int]:
     """The values whose zonotope interval a backward CROWN pass tightens: the
-    small inputs of ``rsqrt``/``sqrt``, i.e. LayerNorm/GroupNorm variances (one
-    per token or group). Their lower bound decides whether the normalisation
-    can be bounded at all, and CROWN's back-substitution keeps every earlier
+    small inputs of ``rsqrt``/``sqrt``/``reciprocal``, i.e. LayerNorm/GroupNorm
+    variances (one per token or group) and softmax denominators (one per head
+    and query). Their lower bound decides whether the normalisation can be
+    bounded at all, and CROWN's back-substitution keeps every earlier
     relaxation's error with its sign where the zonotope had to box some of them
-    (its symbol budget)."""
+    (its symbol budget). MiniLM, 3 layers, float64, 1e-4, crown-zonotope: with
+    the softmax denominators as well as the variances, 52.4x -> 21.0x the true
+    range, 28.2 -> 32.8 s."""
     return {node.inputs[0] for node in graph.nodes
-            if node.name in ("rsqrt", "sqrt") and not isinstance(node.inputs[0], Const)
+            if node.name in REFINED_INPUTS and not isinstance(node.inputs[0], Const)
             and math.prod(graph.avals[node.inputs[0]].shape) <= REFINE_LIMIT}
 
 
@@ -259,7 +267,7 @@ def forward_forms(graph: Graph, input_sets, method: str, output_forms: bool = Fa
         targets = refined_by_crown(graph)
 
         def refine(vid, idx, env):
-            return crown_interval(graph, vid, env, input_sets, idx, cache=cache) if vid in targets else None
+            return crown_interval(graph, vid, env, input_sets, idx, chunk=REFINE_CHUNK, cache=cache) if vid in targets else None
 
     return zonotope.propagate(graph, input_sets, fresh_errors=method == "zonotope", refine=refine,
                               output_forms=output_forms, symbols=symbols,
@@ -293,7 +301,7 @@ def intermediate_bounds(graph: Graph, input_sets, method: str = "crown", symbols
         flags.append(ok)
         for vid, iv in zip(node.outputs, outs):
             if vid in needed:
-                lo, hi = crown_interval(graph, vid, env, input_sets, idx, cache=cache)
+                lo, hi = crown_interval(graph, vid, env, input_sets, idx, chunk=REFINE_CHUNK, cache=cache)
                 iv = intersect(iv, (lo, hi))
             env[vid] = iv
     return env, flags

@@ -151,7 +151,7 @@ def test_reduction_at_cuts_is_sound_and_tighter_than_inside_a_branch(monkeypatch
 
 
 def test_crown_refined_variances_are_no_looser_and_keep_the_bound_sound(tiny_bert_dir, monkeypatch):
-    """The zonotope method tightens LayerNorm variances with CROWN: every variance lower bound is
+    """The zonotope method tightens LayerNorm variances and softmax denominators with CROWN: every lower bound is
     at least the plain zonotope's, the final bound no wider, and still sound. (The zonotope's
     symbol budget is made small so that it has boxed errors for CROWN to recover: with the
     default budget tiny-bert keeps every symbol and the refinement finds nothing to add.)"""
