@@ -112,14 +112,15 @@ class Zonotope:
 @dataclasses.dataclass
 class _Blocks:
     """The symbol blocks of one propagation: shapes, input sets for input blocks,
-    and its order-reduction budgets (``symbols`` kept; None: :data:`KEEP_SYMBOLS`)."""
+    its order-reduction budgets (``symbols`` kept; None: :data:`KEEP_SYMBOLS`), the
+    ``diagonal`` blocks (fresh blocks: symbol i moves element i of the value they were made for)
+    and whether a reduction has boxed symbols yet (``lossy``)."""
 
     shapes: dict
     sets: dict
     count: int = 0
     symbols: int | None = None
     diagonal: set = dataclasses.field(default_factory=set)
-    #: Whether an order reduction has boxed error symbols yet (lost correlations).
     lossy: bool = False
 
     def new(self, shape, input_set=None) -> int:
