@@ -88,13 +88,13 @@ def dit_model(layers: int):
 
 
 def diagnose(chain, engine_method: str, radius: float, compiled: dict, memory_limit: int | None,
-             precision: str) -> dict:
+             precision: str, symbols: int | None = None) -> dict:
     """Bound step 0 over the l2 ball of ``radius`` and return the interval half-widths of every
     GroupNorm variance (its ``rsqrt`` input) and output, up to the first node whose relaxation fails."""
     traj = clean_trajectory(chain)
     ball = lp_ball(traj[0].reshape(1, -1), radius, p=2)
     if "LpBall" not in compiled:
-        compiled["LpBall"] = compile_step_bound(chain, ball, engine_method, memory_limit, precision)
+        compiled["LpBall"] = compile_step_bound(chain, ball, engine_method, memory_limit, precision, symbols=symbols)
     sb = compiled["LpBall"]
     k = chain.inputs[:1]
     res = sb.raw(ball, Box(k, k))
@@ -136,6 +136,8 @@ def main() -> None:
     parser.add_argument("--memory-limit-gib", type=float, default=None,
                         help="with --diagnose: refuse a step bound XLA estimates above this (default: device memory)")
     parser.add_argument("--eager", action="store_true", help="the engine op by op (no whole-program XLA compile)")
+    parser.add_argument("--symbols", type=int, default=None,
+                        help="error symbols the zonotope keeps at each order reduction (default: the engine's)")
     parser.add_argument("--keep-decision", action="store_true",
                         help="also the certified radius keeping the classifier's decision (see above)")
     parser.add_argument("--out", type=Path, default=None)
@@ -162,7 +164,8 @@ def main() -> None:
             for engine_method in args.engine_methods:
                 for radius in args.radii:
                     try:
-                        row = diagnose(chain, engine_method, radius, caches[engine_method], limit, args.precision)
+                        row = diagnose(chain, engine_method, radius, caches[engine_method], limit, args.precision,
+                                       args.symbols)
                     except DiverifyError as err:
                         row = dict(engine_method=engine_method, radius=radius, error=str(err))
                     rows.append(dict(row, steps=steps))
@@ -180,7 +183,7 @@ def main() -> None:
                 try:
                     rep = lipschitz_report(chain, method, radius, lip, engine_method,
                                            compiled=caches.get(engine_method), precision=args.precision,
-                                           decision=decision, eager=args.eager,
+                                           decision=decision, eager=args.eager, symbols=args.symbols,
                                            progress=None if method == "global" else step_done)
                     row = dict(log10_certified=rep.log10_cumulative, empirical_lower=rep.empirical_lower,
                                chain_jacobian=rep.empirical_chain_jacobian,
@@ -196,7 +199,8 @@ def main() -> None:
                 except DiverifyError as err:
                     row = dict(error=str(err), seconds=time.perf_counter() - start)
                 rows.append(dict(row, steps=steps, method=method, engine_method=engine_method, radius=radius,
-                                 precision=None if method == "global" else args.precision))
+                                 precision=None if method == "global" else args.precision,
+                                 symbols=None if method == "global" else args.symbols))
                 head = f"T={steps:>3} {method:>7} {engine_method:>14} r={radius:<7g}"
                 if row["error"]:
                     print(f"{head} error: {row['error'][:110]}  ({row['seconds']:.1f} s)", flush=True)

@@ -557,7 +557,7 @@ def l2_step_radius(sb: StepBound, ball: Any, k: jax.Array, reference: Any) -> tu
 
 def compile_step_bound(chain: Chain, in_set: Any, engine_method: str,
                        memory_limit: int | None = None, precision: str = PRECISION, l2: bool = False,
-                       eager: bool = False) -> StepBound:
+                       eager: bool = False, symbols: int | None = None) -> StepBound:
     """Trace and compile the bound of the step map for sets like ``in_set``, in ``precision``
     (``"float32"`` or ``"float64"``, see the module docstring); with ``l2`` (an l2 ball and an
     engine method of :data:`L2_METHODS`) also the output's affine form for :func:`l2_step_radius`.
@@ -568,7 +568,8 @@ def compile_step_bound(chain: Chain, in_set: Any, engine_method: str,
     ``eager``: trace only, and run the bound op by op (JAX compiles and caches each operation
     on first use) instead of compiling it as one XLA program; no memory estimate then. On the
     digits UNet in float64 that skips the ~1.5 min compilation but each step takes ~4x as long
-    (~40 s instead of ~10 s on 2 CPU cores).
+    (~40 s instead of ~10 s on 2 CPU cores). ``symbols``: the error symbols the zonotope methods
+    keep at each order reduction (``compile_bounds(..., symbols=)``; None: the engine's default).
     """
     from diverify.bounds.api import compile_bounds
     from diverify.specs import Box
@@ -581,7 +582,7 @@ def compile_step_bound(chain: Chain, in_set: Any, engine_method: str,
 
     k = chain.inputs[:1]
     start = time.perf_counter()
-    bf = compile_bounds(flat, in_set, Box(k, k), method=engine_method, precision=precision)
+    bf = compile_bounds(flat, in_set, Box(k, k), method=engine_method, precision=precision, symbols=symbols)
     # With l2 the parts include the output box: one function serves both.
     run = _l2_parts_function(bf) if l2 else bf.unchecked
     need = 0
@@ -605,9 +606,10 @@ def compile_step_bound(chain: Chain, in_set: Any, engine_method: str,
 def engine_chain(chain: Chain, radius: float, method: str, engine_method: str = "zonotope",
                  trajectory: list | None = None, compiled: dict | None = None,
                  progress: Callable | None = None, precision: str = PRECISION,
-                 eager: bool = False) -> tuple[list[float], list[float]]:
+                 eager: bool = False, symbols: int | None = None) -> tuple[list[float], list[float]]:
     """Radii rho_0 = radius, rho_1, ..., rho_T of the ``local`` (balls) or ``reach`` (boxes) propagation,
-    the engine computing in ``precision`` (op by op with ``eager``, see :func:`compile_step_bound`).
+    the engine computing in ``precision`` (op by op with ``eager``; ``symbols`` kept at each order
+    reduction: see :func:`compile_step_bound`).
 
     Returns (rho, box_widths): ``box_widths[i]`` is the largest half-width of step i's output box.
     ``compiled`` caches the :class:`StepBound` per kind of input set (one for all steps and radii, and
@@ -628,9 +630,9 @@ def engine_chain(chain: Chain, radius: float, method: str, engine_method: str = 
         kind = type(in_set).__name__
         sb = compiled.get(kind)
         if sb is None or sb.step is not chain.step or sb.precision != precision or sb.eager != eager or \
-                (l2 and sb.l2_executable is None):
+                sb.bound_function.symbols != symbols or (l2 and sb.l2_executable is None):
             sb = compiled[kind] = compile_step_bound(chain, in_set, engine_method, precision=precision, l2=l2,
-                                                     eager=eager)
+                                                     eager=eager, symbols=symbols)
         nxt = traj[i + 1].reshape(1, -1)
         if l2:
             r2, lo, hi = l2_step_radius(sb, in_set, chain.inputs[i], nxt)
@@ -893,7 +895,7 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
                      key: jax.Array | None = None, bisect_iters: int = 6,
                      progress: Callable | None = None, compiled: dict | None = None,
                      precision: str = PRECISION, decision: LinearDecision | None = None,
-                     eager: bool = False) -> LipschitzReport:
+                     eager: bool = False, symbols: int | None = None) -> LipschitzReport:
     """Bounds of ``method`` for ``chain`` over the l2 ball of ``radius`` around its x_T (local/reach: the
     engine computing in ``precision``).
 
@@ -902,8 +904,8 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
     for local/reach by bisection on the propagated radius) and the attack's
     radius are computed too. ``decision`` (instead of ``distance``): the distance is the clean x̄_0's
     distance to the decision boundary, and the attack tries to change the decision.
-    ``compiled``: a cache of step bounds (see :func:`engine_chain`); ``eager``: the engine op by op
-    (:func:`compile_step_bound`).
+    ``compiled``: a cache of step bounds (see :func:`engine_chain`); ``eager``: the engine op by op,
+    ``symbols``: its order-reduction budget (:func:`compile_step_bound`).
     """
     if method not in METHODS:
         raise DiverifyError(f"unknown Lipschitz method {method!r}: choose one of {', '.join(METHODS)}")
@@ -936,7 +938,8 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
     else:
         compiled = {} if compiled is None else compiled
         cached = {id(b) for b in compiled.values()}
-        radii, _ = engine_chain(chain, radius, method, engine_method, traj, compiled, progress, precision, eager)
+        radii, _ = engine_chain(chain, radius, method, engine_method, traj, compiled, progress, precision, eager,
+                                symbols)
         per_step = [radii[i + 1] / radii[i] if radii[i] > 0 else 0.0 for i in range(chain.num_steps)]
         cumulative = radii[-1] / radius
         log_cumulative = math.log10(cumulative) if cumulative > 0 else -math.inf
@@ -944,7 +947,7 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
             def holds(r):
                 try:
                     return engine_chain(chain, r, method, engine_method, traj, compiled,
-                                        precision=precision, eager=eager)[0][-1] <= distance
+                                        precision=precision, eager=eager, symbols=symbols)[0][-1] <= distance
                 except DiverifyError:
                     return False
             cert_radius = _bisect_radius(holds, radius, bisect_iters)

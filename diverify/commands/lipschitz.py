@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from diverify.commands import _cmav_args as common
+
 HELP = "certified Lipschitz bounds of the reverse diffusion chain x_T -> x_0, next to empirical lower bounds"
 
 DESCRIPTION = """\
@@ -69,6 +71,7 @@ def register(subparsers) -> None:
                         help="arithmetic of the bound engine for local/reach (default float32; float64 pads at "
                              "~1e-16 relative where a UNet's GroupNorms amplify float32's ~1e-6 padding floor until "
                              "the bound fails; about 2x slower)")
+    common.add_symbols_option(parser)
     parser.add_argument("--label", type=int, default=0, help="class label for class-conditional models (default 0)")
     parser.add_argument("--gmm-dim", type=int, default=2, metavar="D", help="dimension of the gmm fixture (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of x_T and of the fixed noise (default 0)")
@@ -183,6 +186,7 @@ def run(args) -> int:
         raise DiverifyError(f"--radius must be > 0, got {args.radius}")
     if args.keep_decision and args.distance is not None:
         raise DiverifyError("--keep-decision sets the distance itself: drop --distance")
+    common.check_symbols(args.symbols)
     setup = _gmm_setup if args.denoiser == "gmm" else _dir_setup
     apply_fn, params, cond, noise, x_T, lip, decision = setup(args)
     decision = decision() if args.keep_decision else None
@@ -197,7 +201,7 @@ def run(args) -> int:
         progress = bar.update
     report = lipschitz_report(chain, args.method, args.radius, lip, args.engine_method, args.distance,
                               jax.random.PRNGKey(args.seed), progress=progress, precision=args.precision,
-                              decision=decision, eager=args.eager)
+                              decision=decision, eager=args.eager, symbols=args.symbols)
     if bar is not None:
         bar.close()
     if args.plot:

@@ -114,6 +114,26 @@ def test_engine_radii_contain_sampled_trajectories(method, precision, engine):
         assert np.max(np.linalg.norm(np.asarray(states - traj[i + 1]).reshape(len(points), -1), axis=1)) <= rho[i + 1]
 
 
+def test_symbol_budget_reaches_the_step_bound_and_a_smaller_one_stays_sound():
+    """``symbols`` (the zonotope's order-reduction budget) is the compiled step bound's, a cached
+    bound with another budget is recompiled, and a tiny budget (every value reduced) gives a
+    radius no smaller than the default's that still holds every sampled end point."""
+    mix, schedule = mixture(16), sch.ddim_schedule(NOISE, 2)
+    x_T = jnp.asarray(np.random.default_rng(2).normal(size=(1, 16)) * 0.5, jnp.float32)
+    chain = L.make_chain(G.gmm_eps, mix, None, schedule, x_T)
+    radius, compiled = 0.05, {}
+    rho_few, _ = L.engine_chain(chain, radius, "local", "zonotope", compiled=compiled, precision="float64", symbols=2)
+    assert compiled["LpBall"].bound_function.symbols == 2
+    rho, _ = L.engine_chain(chain, radius, "local", "zonotope", compiled=compiled, precision="float64")
+    assert compiled["LpBall"].bound_function.symbols is None
+    assert rho_few[-1] >= rho[-1] * (1 - 1e-9) and rho_few[-1] > rho[-1], (rho_few, rho)
+    fmap = jax.jit(jax.vmap(G.ddim_map(mix, schedule)))
+    dirs = np.random.default_rng(3).normal(size=(300, 16))
+    points = np.asarray(x_T) + radius * dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
+    ends = np.asarray(fmap(jnp.asarray(points, jnp.float32)))
+    assert np.max(np.linalg.norm(ends - np.asarray(fmap(x_T)), axis=1)) <= rho_few[-1]
+
+
 def test_step_map_with_inputs_matches_the_sampler():
     """The chain's one step map, fed each step's coefficients, timestep features and noise, is the
     scheduler's step: mixture under stochastic DDPM, and a UNet whose timestep embedding is substituted."""
@@ -296,7 +316,8 @@ def test_cli_json_and_errors(tmp_path, capsys):
     for argv, message in [(["--denoiser", "gmm", "--radius", "-1"], "radius"),
                           (["--denoiser", "gmm", "--method", "spectral"], "unknown --method"),
                           (["--denoiser", missing], "does not exist"),
-                          (["--denoiser", "gmm", "--keep-decision", "--distance", "0.1"], "--keep-decision")]:
+                          (["--denoiser", "gmm", "--keep-decision", "--distance", "0.1"], "--keep-decision"),
+                          (["--denoiser", "gmm", "--method", "local", "--symbols", "0"], "--symbols must be a positive")]:
         code, _ = run_cli(["lipschitz", "--steps", "2"] + argv)
         assert code != 0
         assert message in capsys.readouterr().err
