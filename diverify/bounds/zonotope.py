@@ -323,6 +323,12 @@ def _error_symbols(v: Zonotope) -> int:
     return 0 if v.errors is None else v.errors.shape[0]
 
 
+def _boxed_radius(abs_rows, count: int):
+    """``sum`` over the rows ``|g|`` of the generators being boxed, padded by ``count`` units of
+    rounding (a worst-case serial sum of that many terms)."""
+    return jnp.sum(abs_rows, axis=0) * (1.0 + count * float(jnp.finfo(abs_rows.dtype).eps))
+
+
 def _reduce_errors(errors, lo, hi, shape, blocks: _Blocks):
     """Order reduction: keep the :data:`KEEP_SYMBOLS` error symbols (rows of
     ``errors``) that boxing would widen most as one new block and box the rest
@@ -357,8 +363,7 @@ def _reduce_errors(errors, lo, hi, shape, blocks: _Blocks):
     if keep == errs.shape[0]:
         return kept, ids, lo, hi
     blocks.lossy = True
-    r = jnp.sum(size[order[keep:]], axis=0) * (1.0 + errs.shape[0] * float(jnp.finfo(errs.dtype).eps))
-    r = r.reshape(shape)
+    r = _boxed_radius(size[order[keep:]], errs.shape[0]).reshape(shape)
     return kept, ids, lo - r, hi + r
 
 
@@ -410,7 +415,7 @@ def _box_exclusive(v: Zonotope, candidates: set, blocks: _Blocks) -> Zonotope:
         (box_rows if b in box else keep_rows).append(errs[pos:pos + size])
         pos += size
     boxed = jnp.concatenate(box_rows)
-    r = (jnp.sum(jnp.abs(boxed), axis=0) * (1.0 + boxed.shape[0] * float(jnp.finfo(boxed.dtype).eps))).reshape(shape)
+    r = _boxed_radius(jnp.abs(boxed), boxed.shape[0]).reshape(shape)
     kept_ids = tuple(b for b in v.error_blocks if b not in box)
     kept = jnp.concatenate(keep_rows).reshape((-1,) + shape) if keep_rows else None
     return _fresh(Zonotope(v.terms, v.offset, v.slack_lo - r, v.slack_hi + r, True, kept, kept_ids), blocks)
