@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=None, help="truncate the encoder to its first N layers")
     p.add_argument("--eps", type=float, nargs="+", default=[1e-4, 1e-3])
     p.add_argument("--methods", nargs="+", default=["ibp", "forward", "crown-ibp", "crown-forward", "crown"])
-    p.add_argument("--precision", nargs="+", default=["float32"], choices=["float32", "float64"],
+    p.add_argument("--precision", nargs="+", default=["float32"], choices=["float32", "float64", "mixed"],
                    help="arithmetic of the bound computation; each method runs in each precision")
     p.add_argument("--symbols", type=int, default=None,
                    help="error symbols the zonotope keeps at each order reduction (default: the engine's)")
@@ -110,7 +110,7 @@ def main(argv=None):
         bf, compile_seconds = None, None
         for eps, ball in balls.items():
             pts, ys, true_lower = truth[eps]
-            if precision == "float64":
+            if precision != "float32":
                 ys = evaluate_float64(fn, pts)
             row = {"model": args.model, "layers": args.layers, "method": method, "precision": precision, "eps": eps,
                    "symbols": args.symbols,
@@ -136,8 +136,8 @@ def main(argv=None):
     if args.unsound_rel_pad is not None:
         print(f"DIAGNOSTIC: REL_PAD = {args.unsound_rel_pad}: these bounds are NOT sound in float32")
     for r in rows:
-        if r.get("precision") == "float64":
-            r["method_label"] = f"{r['method']} (f64)"
+        if r.get("precision") in ("float64", "mixed"):
+            r["method_label"] = f"{r['method']} ({'f64' if r['precision'] == 'float64' else 'mixed'})"
     print(f"{'method':<28} {'eps':>7} {'mean width':>11} {'true >=':>9} {'ratio':>7} {'viol':>9} {'bound s':>8} "
           f"{'compile s':>9} {'peak GiB':>8}")
     for r in rows:

@@ -93,13 +93,19 @@ INTERMEDIATE = {
 }
 
 
-PRECISIONS = ("float32", "float64")
+PRECISIONS = ("float32", "float64", "mixed")
 
 
 def _dtype(precision: str):
     if precision not in PRECISIONS:
-        raise DiverifyError(f"unknown precision '{precision}': choose float32 or float64")
-    return jnp.float64 if precision == "float64" else jnp.float32
+        raise DiverifyError(f"unknown precision '{precision}': choose float32, float64 or mixed")
+    return jnp.float32 if precision == "float32" else jnp.float64
+
+
+def error_dtype(precision: str):
+    """The float type of the zonotope's error coefficients: float32 for ``"mixed"``,
+    None (the values' own) otherwise."""
+    return jnp.float32 if precision == "mixed" else None
 
 
 def _promote(tree, dtype):
@@ -125,7 +131,7 @@ def _check_no_narrowing(graph: Graph, precision: str) -> None:
             src, dst = node.in_avals[0].dtype, node.out_avals[0].dtype
             if jnp.issubdtype(src, jnp.floating) and jnp.issubdtype(dst, jnp.floating) and jnp.finfo(dst).bits < jnp.finfo(src).bits:
                 where = f" at {node.source}" if node.source else ""
-                hint = "remove the cast or use precision='float32'" if precision == "float64" else "remove the cast"
+                hint = "remove the cast or use precision='float32'" if precision != "float32" else "remove the cast"
                 raise DiverifyError(
                     f"cannot bound this function in {precision}: it casts a perturbed value from {src} to {dst}{where}, "
                     f"a rounding the bound does not cover; {hint}"
@@ -231,8 +237,9 @@ def _optimise_alphas(graph, out, a0, env, sets, steps: int, lr: float):
     return jnp.maximum(best, objective(p)[1])
 
 
-def _run(graph: Graph, method: str, spec, alpha_steps: int, alpha_lr: float, sets, symbols: int | None = None):
-    env, flags = backward.intermediate_bounds(graph, sets, INTERMEDIATE[method], symbols)
+def _run(graph: Graph, method: str, spec, alpha_steps: int, alpha_lr: float, sets, symbols: int | None = None,
+         errors=None):
+    env, flags = backward.intermediate_bounds(graph, sets, INTERMEDIATE[method], symbols, errors)
     outputs = []
     for o in graph.outputs:
         if isinstance(o, Const):
@@ -297,7 +304,7 @@ class BoundFunction:
     def context(self):
         """The JAX configuration the bound must run under: ``jax.enable_x64``
         for float64. Wrap calls of :meth:`unchecked` (under ``vmap``/``jit``) in it."""
-        return jax.enable_x64(self.precision == "float64")
+        return jax.enable_x64(self.precision != "float32")
 
     @property
     def dtype(self):
@@ -321,7 +328,7 @@ class BoundFunction:
         """The bound as a pure function (float64: call it inside :meth:`context`)."""
         sets = self.engine_sets(*sets)
         outputs, intermediates, node_ok = _run(self.graph, self.method, self.spec, self.alpha_steps, self.alpha_lr, sets,
-                                               self.symbols)
+                                               self.symbols, error_dtype(self.precision))
         outputs = [IntervalBound(*_outward_float32(b.lower, b.upper)) for b in outputs]
         intermediates = {k: IntervalBound(*_outward_float32(b.lower, b.upper)) for k, b in intermediates.items()}
         inter = INTERMEDIATE[self.method]
@@ -383,7 +390,7 @@ def compile_bounds(fn: Callable, *args, method: str = "crown", spec=None, alpha_
 
     ``args``: input sets (perturbed) or arrays (constants). The returned
     function takes the input sets (same positions, same shapes) only.
-    ``precision``: ``"float32"`` or ``"float64"`` (see the module docstring).
+    ``precision``: ``"float32"``, ``"float64"`` or ``"mixed"`` (see the module docstring).
     ``symbols``: how many error symbols the zonotope keeps at an order reduction
     (zonotope methods only; default :data:`diverify.bounds.zonotope.KEEP_SYMBOLS`):
     more is tighter and costs time and memory in proportion.
@@ -396,11 +403,11 @@ def compile_bounds(fn: Callable, *args, method: str = "crown", spec=None, alpha_
     perturbed = tuple(s is not None for s in sets)
     if not any(perturbed):
         raise DiverifyError("nothing to bound: pass at least one input set (Box, LpBall, Substitution, IntervalBound)")
-    examples = [s.center if s is not None else a for s, a in zip(sets, args)]
-    for i, (s, e) in enumerate(zip(sets, examples)):
-        if s is not None and not jnp.issubdtype(jnp.asarray(e).dtype, jnp.floating):
-            raise DiverifyError(f"argument {i} is an input set of non-float dtype {jnp.asarray(e).dtype}")
-    with jax.enable_x64(precision == "float64"):
+    with jax.enable_x64(precision != "float32"):  # a float64 set's centre stays float64
+        examples = [s.center if s is not None else a for s, a in zip(sets, args)]
+        for i, (s, e) in enumerate(zip(sets, examples)):
+            if s is not None and not jnp.issubdtype(jnp.asarray(e).dtype, jnp.floating):
+                raise DiverifyError(f"argument {i} is an input set of non-float dtype {jnp.asarray(e).dtype}")
         examples = [_promote(jnp.asarray(e), dtype) for e in examples]
         graph = trace(fn, examples, perturbed)
     ops.check_supported(graph.nodes)

@@ -257,10 +257,11 @@ def refined_by_crown(graph: Graph) -> set[int]:
             and math.prod(graph.avals[node.inputs[0]].shape) <= REFINE_LIMIT}
 
 
-def forward_forms(graph: Graph, input_sets, method: str, output_forms: bool = False, symbols: int | None = None):
+def forward_forms(graph: Graph, input_sets, method: str, output_forms: bool = False, symbols: int | None = None,
+                  error_dtype=None):
     """:func:`diverify.bounds.zonotope.propagate` for ``method`` ``"forward"`` or ``"zonotope"``, the
     latter with the normalisation variances tightened by CROWN (:func:`refined_by_crown`);
-    ``output_forms`` and ``symbols`` (the zonotope's order-reduction budget) as there."""
+    ``output_forms``, ``symbols`` (the zonotope's order-reduction budget) and ``error_dtype`` as there."""
     refine = None
     cache: dict = {}
     if method == "zonotope":
@@ -272,11 +273,11 @@ def forward_forms(graph: Graph, input_sets, method: str, output_forms: bool = Fa
             return crown_interval(graph, vid, env, input_sets, idx, chunk=REFINE_CHUNK, cache=cache)
 
     return zonotope.propagate(graph, input_sets, fresh_errors=method == "zonotope", refine=refine,
-                              output_forms=output_forms, symbols=symbols,
+                              output_forms=output_forms, symbols=symbols, error_dtype=error_dtype,
                               lines=lambda node, env: relaxation(node, env, cache=cache))
 
 
-def intermediate_bounds(graph: Graph, input_sets, method: str = "crown", symbols: int | None = None):
+def intermediate_bounds(graph: Graph, input_sets, method: str = "crown", symbols: int | None = None, error_dtype=None):
     """Intervals of every value (dict id -> (l, u)) and the per-node domain flags.
 
     Nodes are visited in order; each value gets its IBP interval computed from
@@ -288,11 +289,11 @@ def intermediate_bounds(graph: Graph, input_sets, method: str = "crown", symbols
     ``method="forward"`` takes forward linear bounds and ``method="zonotope"``
     zonotope bounds (both :mod:`diverify.bounds.zonotope`), the latter with
     the normalisation variances tightened by CROWN (:func:`refined_by_crown`;
-    ``symbols``: the zonotope's order-reduction budget, see
-    :func:`diverify.bounds.zonotope.propagate`).
+    ``symbols``: the zonotope's order-reduction budget, ``error_dtype``: the float type of its
+    error coefficients, see :func:`diverify.bounds.zonotope.propagate`).
     """
     if method in ("forward", "zonotope"):
-        return forward_forms(graph, input_sets, method, symbols=symbols)
+        return forward_forms(graph, input_sets, method, symbols=symbols, error_dtype=error_dtype)
     env = dict(zip(graph.inputs, [s.interval() for s in input_sets]))
     needed = relaxed_inputs(graph) if method == "crown" else set()
     cache: dict = {}

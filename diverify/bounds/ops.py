@@ -17,6 +17,9 @@ names the primitive and the user's line it came from.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax.numpy as jnp
 
 from diverify.bounds.elementwise import is_unary
@@ -41,6 +44,12 @@ INDEX_OPERANDS = {
 MULTIPLICATIVE = frozenset({"mul", "dot_general", "conv_general_dilated", "div"})
 #: Linear with mixed signs, handled in the structural way by the sign flip below.
 SIGNED = frozenset({"sub", "neg"})
+#: Linear maps that only move, copy or select values: no rounding in any float type.
+EXACT = frozenset({
+    "reshape", "broadcast_in_dim", "transpose", "squeeze", "expand_dims", "concatenate", "slice",
+    "dynamic_slice", "dynamic_update_slice", "gather", "pad", "select_n", "convert_element_type",
+    "rev", "split", "real", "copy", "simplex", "neg",
+})
 
 
 def _index_positions(node: Node) -> tuple[int, ...]:
@@ -113,9 +122,12 @@ def linear_offset(node: Node):
     return bounded_function(node)(*zeros)
 
 
-def linear_part(node: Node):
+def linear_part(node: Node, dtype=None):
     """The linear part ``x -> f(x) - f(0)`` of an affine node, as a function of
     its perturbed operands returning a tuple of outputs.
+
+    ``dtype`` (a float type): evaluate it in that type instead, the constants
+    rounded to it (:func:`rounding_count` bounds the difference).
 
     Evaluated directly, without ``f(0)``: a multiplicative node (one perturbed
     operand) is already linear in it, and a structural or signed node is linear
@@ -127,8 +139,50 @@ def linear_part(node: Node):
     index = _index_positions(node)
     constants = [None if not isinstance(v, Const) else v.value if node.name in MULTIPLICATIVE or i in index
                  else jnp.zeros_like(jnp.asarray(v.value)) for i, v in enumerate(node.inputs)]
-    f = bounded_function(node, constants)
-    return lambda *xs: tuple(f(*xs))
+    if dtype is None:
+        f = bounded_function(node, constants)
+        return lambda *xs: tuple(f(*xs))
+    constants = [c if c is None or not jnp.issubdtype(jnp.asarray(c).dtype, jnp.floating) else jnp.asarray(c, dtype)
+                 for c in constants]
+    params = dict(node.params)
+    if params.get("preferred_element_type") is not None:
+        params["preferred_element_type"] = dtype
+    narrow = dataclasses.replace(node, params=params)
+    f = bounded_function(narrow, constants)
+    return lambda *xs: tuple(jnp.asarray(o, dtype) for o in f(*xs))
+
+
+def rounding_count(node: Node) -> int:
+    """``k`` such that :func:`linear_part` evaluated in a float type of machine epsilon
+    ``eps`` (constants rounded to it) is within ``k eps |L| |x|`` of the exact linear map
+    ``L x``, elementwise.
+
+    The standard error analysis: a sum of ``n`` products rounds by at most
+    ``gamma_n |L| |x|`` with ``gamma_n = n u / (1 - n u)`` (``u = eps / 2``) in any
+    summation order, rounding a constant adds ``u |c|``, a final cast ``u``. ``k``
+    counts ``n + 2`` units of ``u`` as ``eps`` units, a factor 2 of margin. Moving
+    ops (:data:`EXACT`) are exact; a primitive not analysed here gets its largest
+    operand's size as ``n`` (every output a sum of at most that many terms).
+    """
+    name = node.name
+    if name in EXACT:
+        return 0
+    if name in ("add", "add_any", "sub", "mul", "div"):
+        n = 1
+    elif name == "dot_general":
+        (lc, _), _ = node.params["dimension_numbers"]
+        shape = node.in_avals[0].shape
+        n = math.prod(shape[d] for d in lc)
+    elif name == "conv_general_dilated":
+        rhs = node.in_avals[1].shape
+        n = math.prod(rhs) // rhs[node.params["dimension_numbers"].rhs_spec[0]]
+    elif name == "reduce_sum":
+        n = math.prod(node.in_avals[0].shape) // max(1, math.prod(node.out_avals[0].shape))
+    elif name == "cumsum":
+        n = node.in_avals[0].shape[node.params["axis"]]
+    else:
+        n = max(math.prod(av.shape) for av in node.in_avals)
+    return n + 2
 
 
 def linear_radius(node: Node, radii):

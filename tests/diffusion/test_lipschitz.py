@@ -69,7 +69,8 @@ def test_unequal_stds_have_no_global_bound():
 
 
 @pytest.mark.parametrize("method,precision,engine", [("local", "float64", "ibp"), ("reach", "float64", "ibp"),
-                                                     ("reach", "float32", "ibp"), ("local", "float32", "zonotope")])
+                                                     ("reach", "float32", "ibp"), ("local", "float32", "zonotope"),
+                                                     ("local", "mixed", "zonotope")])
 def test_engine_radii_contain_sampled_trajectories(method, precision, engine):
     """Every sampled trajectory from the x_T ball stays within rho_i of the clean one at every step, and
     sampled points on the sphere (pairs with x̄_T) stay under the certified expansion rho_T / r.
