@@ -159,7 +159,9 @@ def rounding_count(node: Node) -> int:
 
     The standard error analysis: a sum of ``n`` products rounds by at most
     ``gamma_n |L| |x|`` with ``gamma_n = n u / (1 - n u)`` (``u = eps / 2``) in any
-    summation order, rounding a constant adds ``u |c|``, a final cast ``u``. ``k``
+    summation order, with or without fused multiply-adds (assumed: XLA evaluates
+    products and convolutions directly or by im2col and GEMM, not by a fast transform
+    such as Winograd's), rounding a constant adds ``u |c|``, a final cast ``u``. ``k``
     counts ``n + 2`` units of ``u`` as ``eps`` units, a factor 2 of margin. Moving
     ops (:data:`EXACT`) are exact; a primitive not analysed here gets its largest
     operand's size as ``n`` (every output a sum of at most that many terms).

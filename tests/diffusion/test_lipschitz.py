@@ -82,7 +82,7 @@ def test_engine_radii_contain_sampled_trajectories(method, precision, engine):
     compiled = {}
     rho, _ = L.engine_chain(chain, radius, method, engine, compiled=compiled, precision=precision)
     assert all(b.precision == precision for b in compiled.values())
-    if engine == "zonotope":  # op by op, the same bound without the whole-program compilation
+    if engine == "zonotope" and precision == "float32":  # op by op, the same bound without compiling it whole
         eager, _ = L.engine_chain(chain, radius, method, engine, precision=precision, eager=True)
         np.testing.assert_allclose(eager, rho, rtol=1e-4)  # float32: XLA fusion rounds differently
     # One traced and compiled bound serves every step (a ball for local; a ball then boxes for reach).
