@@ -163,7 +163,7 @@ def concretise(v: Zonotope, blocks: _Blocks):
     """Elementwise ``[min, max]`` of ``v`` over all its symbols."""
     lo, hi = v.offset + v.slack_lo, v.offset + v.slack_hi
     if v.errors is not None:
-        r = _mass(v.errors) if _narrow(v) else jnp.sum(jnp.abs(v.errors), axis=0)
+        r = _error_radius(v)
         lo, hi = lo - r, hi + r
     for b, t in v.terms.items():
         shape = blocks.shapes[b]
@@ -288,6 +288,11 @@ def _mass(errors):
     return _boxed_radius(jnp.abs(errors), errors.shape[0], jnp.float64)
 
 
+def _error_radius(v: Zonotope):
+    """``sum_i |g_i|`` over ``v``'s error rows: :func:`_mass` for narrow rows, the plain sum otherwise."""
+    return _mass(v.errors) if _narrow(v) else jnp.sum(jnp.abs(v.errors), axis=0)
+
+
 def _rounding(errors, k: int, magnitude):
     """The rounding bound ``k eps magnitude`` of narrow error rows (``magnitude``: ``|L| sum_i
     |g_i|`` of the operation), plus ``k tiny`` per row for results that underflow (flushed to
@@ -395,9 +400,8 @@ def _dot(node: Node, x: Zonotope, y: Zonotope, bx, by, blocks: _Blocks):
     r = dot(sxr, jnp.abs(cy)) + dot(jnp.abs(cx), syr) + dot(rx, ry)
     if errors is not None and errors.dtype != offset.dtype:
         # The narrow maps' rounding (rounding_count) and that of their sum.
-        zero_x, zero_y = jnp.zeros_like(cx), jnp.zeros_like(cy)
-        mx = zero_x if x.errors is None else _mass(x.errors)
-        my = zero_y if y.errors is None else _mass(y.errors)
+        mx = jnp.zeros_like(cx) if x.errors is None else _mass(x.errors)
+        my = jnp.zeros_like(cy) if y.errors is None else _mass(y.errors)
         r = r + _rounding(errors, rounding_count(node) + 1, dot(mx, jnp.abs(cy)) + dot(jnp.abs(cx), my))
     return Zonotope(terms, offset, c - r, c + r, errors=errors, error_blocks=layout)
 
@@ -689,7 +693,7 @@ def l2_parts(v: Zonotope, blocks: _Blocks):
     centre = (v.offset + (v.slack_lo + v.slack_hi) / 2).reshape(-1)
     half = ((v.slack_hi - v.slack_lo) / 2).reshape(-1)
     if v.errors is not None:
-        half = half + (_mass(v.errors).reshape(-1) if _narrow(v) else jnp.sum(jnp.abs(v.errors.reshape((-1, n))), axis=0))
+        half = half + _error_radius(v).reshape(-1)
     mats = []
     for b, t in v.terms.items():
         rows = t.reshape((-1, n))
