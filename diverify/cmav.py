@@ -349,7 +349,8 @@ def checked_bound(call):
 
 def certify(encoder, prompt: Prompt, input_set, concepts: Sequence[str], threshold: float,
             method: str = "crown", table_ids=None, attack: bool = True, seed: int = 0,
-            concept_vectors=None, precision: str = "float32", symbols: int | None = None) -> Certificate:
+            concept_vectors=None, precision: str = "float32", symbols: int | None = None,
+            refine: str = "normalisers") -> Certificate:
     """Certify (or refute) that no point of ``input_set`` brings the prompt's embedding
     within cosine ``threshold`` of any restricted concept (embedded with the same
     encoder, or given as ``concept_vectors``, one row per concept).
@@ -360,7 +361,8 @@ def certify(encoder, prompt: Prompt, input_set, concepts: Sequence[str], thresho
     is certified: the attack runs and the engine's message is the reason of
     every concept it does not refute. ``seconds`` is then the failed bound's
     compilation and run time. ``precision``: the bound's arithmetic, ``symbols``:
-    the zonotope's order-reduction budget (both :func:`diverify.bounds.compile_bounds`).
+    the zonotope's order-reduction budget, ``refine``: which of its intervals CROWN
+    tightens (all three :func:`diverify.bounds.compile_bounds`).
 
     ``method="exhaustive"`` (substitution sets only, at most
     :data:`MAX_EXHAUSTIVE` combinations) evaluates every combination of the
@@ -378,7 +380,7 @@ def certify(encoder, prompt: Prompt, input_set, concepts: Sequence[str], thresho
     if method == "exhaustive":
         return _certify_exhaustive(encoder, prompt, fn, input_set, concepts, threshold, table_ids)
     t0 = time.perf_counter()
-    bf = compile_bounds(fn, input_set, method=method, precision=precision, symbols=symbols)
+    bf = compile_bounds(fn, input_set, method=method, precision=precision, symbols=symbols, refine=refine)
     trace_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     timed, bound_error = checked_bound(lambda: bf.timed(input_set))
@@ -514,7 +516,7 @@ RADIUS_DECADES = 6.0
 def certified_radius(encoder, prompt: Prompt, positions: Sequence[int], concepts: Sequence[str], threshold: float,
                      norm: float = np.inf, method: str = "crown", eps_max: float = 0.1, steps: int = 12,
                      seed: int = 0, progress=None, concept_vectors=None, precision: str = "float32",
-                     symbols: int | None = None) -> RadiusResult:
+                     symbols: int | None = None, refine: str = "normalisers") -> RadiusResult:
     """Largest eps at which every concept is certified, and the smallest eps
     at which PGD finds a collision: the true robust radius lies between them.
 
@@ -524,7 +526,7 @@ def certified_radius(encoder, prompt: Prompt, positions: Sequence[int], concepts
     bound function and the PGD attack are each compiled once: eps is traced
     data in both, so every bisection step reuses the same two executables.
     ``concept_vectors`` (one row per concept) replaces embedding ``concepts`` with the encoder;
-    ``precision`` and ``symbols`` as in :func:`diverify.bounds.compile_bounds`."""
+    ``precision``, ``symbols`` and ``refine`` as in :func:`diverify.bounds.compile_bounds`."""
     t0 = time.perf_counter()
     if concept_vectors is None:
         targets = concept_embeddings(encoder, concepts)
@@ -533,7 +535,7 @@ def certified_radius(encoder, prompt: Prompt, positions: Sequence[int], concepts
         targets = targets / jnp.linalg.norm(targets, axis=-1, keepdims=True)
     fn = cosine_function(encoder, prompt, targets)
     ball = embedding_ball(encoder, prompt, positions, eps_max, norm)
-    bf = compile_bounds(fn, ball, method=method, precision=precision, symbols=symbols)
+    bf = compile_bounds(fn, ball, method=method, precision=precision, symbols=symbols, refine=refine)
 
     def is_certified(eps):
         # A bound the engine cannot compute at eps certifies nothing (checked_bound).

@@ -29,7 +29,7 @@ def test_bounds_json_contains_the_center(model_dir):
     lo, hi, c = (np.asarray(out[k]) for k in ("lower", "upper", "center"))
     assert np.all(lo <= c) and np.all(c <= hi)
     assert out["method"] == "crown-forward" and out["intermediate_method"] == "forward"
-    assert out["precision"] == "float32"  # the CLI's default
+    assert out["precision"] == "float32" and out["refine"] == "normalisers"  # the CLI's defaults
     assert out["seconds"] >= 0 and out["compile_seconds"] > 0
 
 

@@ -238,8 +238,8 @@ def _optimise_alphas(graph, out, a0, env, sets, steps: int, lr: float):
 
 
 def _run(graph: Graph, method: str, spec, alpha_steps: int, alpha_lr: float, sets, symbols: int | None = None,
-         errors=None):
-    env, flags = backward.intermediate_bounds(graph, sets, INTERMEDIATE[method], symbols, errors)
+         errors=None, refine: str = "normalisers"):
+    env, flags = backward.intermediate_bounds(graph, sets, INTERMEDIATE[method], symbols, errors, refine)
     outputs = []
     for o in graph.outputs:
         if isinstance(o, Const):
@@ -300,6 +300,7 @@ class BoundFunction:
     alpha_lr: float = 0.1
     precision: str = "float32"
     symbols: int | None = None
+    refine: str = "normalisers"
 
     def context(self):
         """The JAX configuration the bound must run under: ``jax.enable_x64``
@@ -328,7 +329,7 @@ class BoundFunction:
         """The bound as a pure function (float64: call it inside :meth:`context`)."""
         sets = self.engine_sets(*sets)
         outputs, intermediates, node_ok = _run(self.graph, self.method, self.spec, self.alpha_steps, self.alpha_lr, sets,
-                                               self.symbols, error_dtype(self.precision))
+                                               self.symbols, error_dtype(self.precision), self.refine)
         outputs = [IntervalBound(*_outward_float32(b.lower, b.upper)) for b in outputs]
         intermediates = {k: IntervalBound(*_outward_float32(b.lower, b.upper)) for k, b in intermediates.items()}
         inter = INTERMEDIATE[self.method]
@@ -374,6 +375,14 @@ class BoundFunction:
         return result
 
 
+def check_refine(refine: str, name: str = "refine") -> str:
+    """``refine`` (which zonotope intervals CROWN tightens) if it is one of
+    :data:`~diverify.bounds.backward.REFINE_SCOPES`, else a :class:`DiverifyError` naming ``name``."""
+    if refine not in backward.REFINE_SCOPES:
+        raise DiverifyError(f"{name} must be one of {', '.join(backward.REFINE_SCOPES)}, got {refine!r}")
+    return refine
+
+
 def check_symbols(symbols, name: str = "symbols") -> int | None:
     """``symbols`` (a zonotope order-reduction budget, None for the default) as an int; a
     :class:`DiverifyError` naming ``name`` unless it is a positive integer."""
@@ -385,7 +394,7 @@ def check_symbols(symbols, name: str = "symbols") -> int | None:
 
 
 def compile_bounds(fn: Callable, *args, method: str = "crown", spec=None, alpha_steps: int = 20, alpha_lr: float = 0.1,
-                   precision: str = "float32", symbols: int | None = None):
+                   precision: str = "float32", symbols: int | None = None, refine: str = "normalisers"):
     """Trace ``fn(*args)`` and return a :class:`BoundFunction` for ``method``.
 
     ``args``: input sets (perturbed) or arrays (constants). The returned
@@ -394,9 +403,16 @@ def compile_bounds(fn: Callable, *args, method: str = "crown", spec=None, alpha_
     ``symbols``: how many error symbols the zonotope keeps at an order reduction
     (zonotope methods only; default :data:`diverify.bounds.zonotope.KEEP_SYMBOLS`):
     more is tighter and costs time and memory in proportion.
+    ``refine``: which zonotope intervals a backward CROWN pass tightens once an order
+    reduction has boxed symbols (zonotope methods only): ``"normalisers"`` (normalisation
+    variances and softmax denominators, the default) or ``"attention"`` (also the operands
+    of products of two perturbed tensors and the softmax's ``exp`` inputs: tighter on deep
+    transformers at large radii, ~3x the time) or ``"all"`` (every relaxation's input: the
+    tightest and slowest; see :func:`diverify.bounds.backward.refined_by_crown`).
     """
     method = canonical_method(method)
     symbols = check_symbols(symbols)
+    refine = check_refine(refine)
     dtype = _dtype(precision)
     sets = [_as_input_set(a) for a in args]
     _check_sets(sets, "argument")
@@ -415,7 +431,7 @@ def compile_bounds(fn: Callable, *args, method: str = "crown", spec=None, alpha_
     if spec is not None and len(graph.outputs) != 1:
         raise DiverifyError("a spec matrix needs a function with a single array output")
     return BoundFunction(graph, method, perturbed, tuple(a for a, p in zip(args, perturbed) if not p), spec, alpha_steps, alpha_lr,
-                         precision, symbols)
+                         precision, symbols, refine)
 
 
 def bound(fn: Callable, *args, method: str = "crown", spec=None, alpha_steps: int = 20, alpha_lr: float = 0.1,

@@ -240,44 +240,78 @@ REFINED_INPUTS = ("rsqrt", "sqrt", "reciprocal")
 #: Rows per backward pass of those refinements (``lax.map`` over chunks): MiniLM, 3 layers, float64,
 #: the softmax denominators' 1176 rows in one pass: 32.1 s, 12.6 GB peak; in chunks of 256: 27.5 s, 9.1 GB.
 REFINE_CHUNK = 256
+#: Which intervals the zonotope method tightens with CROWN (:func:`refined_by_crown`), from cheapest to tightest.
+REFINE_SCOPES = ("normalisers", "attention", "all")
 
 
-def refined_by_crown(graph: Graph) -> set[int]:
-    """The values whose zonotope interval a backward CROWN pass tightens: the
-    small inputs of ``rsqrt``/``sqrt``/``reciprocal``, i.e. LayerNorm/GroupNorm
-    variances (one per token or group) and softmax denominators (one per head
-    and query). Their lower bound decides whether the normalisation can be
-    bounded at all, and CROWN's back-substitution keeps every earlier
-    relaxation's error with its sign where the zonotope had to box some of them
-    (its symbol budget). MiniLM, 3 layers, float64, 1e-4, crown-zonotope: with
-    the softmax denominators as well as the variances, 52.4x -> 21.7x the true
-    range, 28.2 -> 27.5 s (in chunks of :data:`REFINE_CHUNK` rows)."""
-    return {node.inputs[0] for node in graph.nodes
-            if node.name in REFINED_INPUTS and not isinstance(node.inputs[0], Const)
-            and math.prod(graph.avals[node.inputs[0]].shape) <= REFINE_LIMIT}
+def refined_by_crown(graph: Graph, scope: str = "normalisers") -> set[int]:
+    """The values whose zonotope interval a backward CROWN pass tightens.
+
+    ``"normalisers"``: the small inputs of ``rsqrt``/``sqrt``/``reciprocal``, i.e.
+    LayerNorm/GroupNorm variances (one per token or group) and softmax denominators
+    (one per head and query). Their lower bound decides whether the normalisation can
+    be bounded at all, and CROWN's back-substitution keeps every earlier relaxation's
+    error with its sign where the zonotope had to box some of them (its symbol budget).
+    MiniLM, 3 layers, float64, 1e-4, crown-zonotope: with the softmax denominators as
+    well as the variances, 52.4x -> 21.7x the true range, 28.2 -> 27.5 s (in chunks of
+    :data:`REFINE_CHUNK` rows).
+
+    ``"attention"`` adds the operands of every product of two perturbed tensors
+    (``dot_general``: queries and keys, attention weights and values) and the inputs of
+    ``exp`` (the softmax's score differences): the second-order slack of those products
+    is ``r_x r_y`` summed over the contraction and ``exp``'s remainder grows with its
+    input's width, so they are what widths the zonotope lost cost most. MiniLM, 3 layers,
+    float64, 1e-4, crown-zonotope: 21.7x -> 8.2x the true range, 27.5 -> 83 s.
+
+    ``"all"``: every input of a relaxation (:func:`~diverify.bounds.ops.relaxed_inputs`;
+    on a transformer the FFN's GELU inputs are what it adds): full CROWN intermediate
+    bounds from the first order reduction on. MiniLM, 4 layers, 1e-4, zonotope: with
+    ``"attention"`` the fourth layer's GELU inputs are 1.2 wide on average and the next
+    variance reaches 0 (refused); with ``"all"`` they are 0.016 wide and every layer is
+    bounded. crown-zonotope, 1e-4: 3 layers 1.79x the true range (177 s), all 6 layers
+    2.56x (609 s, 21.7 GB peak) where the other scopes are refused
+    (``benchmarks/RESULTS.md``, stop 24).
+
+    Any selection is sound: a refinement is intersected with the zonotope's own interval.
+    """
+    if scope not in REFINE_SCOPES:
+        raise ValueError(f"unknown refinement scope {scope!r}: choose one of {', '.join(REFINE_SCOPES)}")
+    targets = {node.inputs[0] for node in graph.nodes
+               if node.name in REFINED_INPUTS and not isinstance(node.inputs[0], Const)
+               and math.prod(graph.avals[node.inputs[0]].shape) <= REFINE_LIMIT}
+    if scope == "all":
+        return targets | relaxed_inputs(graph)
+    if scope == "attention":
+        for node in graph.nodes:
+            if node.name == "dot_general" and len(node.bounded_inputs) == 2:
+                targets.update(node.inputs)
+            elif node.name == "exp" and not isinstance(node.inputs[0], Const):
+                targets.add(node.inputs[0])
+    return targets
 
 
 def forward_forms(graph: Graph, input_sets, method: str, output_forms: bool = False, symbols: int | None = None,
-                  error_dtype=None):
+                  error_dtype=None, refine: str = "normalisers"):
     """:func:`diverify.bounds.zonotope.propagate` for ``method`` ``"forward"`` or ``"zonotope"``, the
-    latter with the normalisation variances tightened by CROWN (:func:`refined_by_crown`);
+    latter with the intervals :func:`refined_by_crown` selects for ``refine`` tightened by CROWN;
     ``output_forms``, ``symbols`` (the zonotope's order-reduction budget) and ``error_dtype`` as there."""
-    refine = None
+    refine_fn = None
     cache: dict = {}
     if method == "zonotope":
-        targets = refined_by_crown(graph)
+        targets = refined_by_crown(graph, refine)
 
-        def refine(vid, idx, env):
+        def refine_fn(vid, idx, env):
             if vid not in targets:
                 return None
             return crown_interval(graph, vid, env, input_sets, idx, chunk=REFINE_CHUNK, cache=cache)
 
-    return zonotope.propagate(graph, input_sets, fresh_errors=method == "zonotope", refine=refine,
+    return zonotope.propagate(graph, input_sets, fresh_errors=method == "zonotope", refine=refine_fn,
                               output_forms=output_forms, symbols=symbols, error_dtype=error_dtype,
                               lines=lambda node, env: relaxation(node, env, cache=cache))
 
 
-def intermediate_bounds(graph: Graph, input_sets, method: str = "crown", symbols: int | None = None, error_dtype=None):
+def intermediate_bounds(graph: Graph, input_sets, method: str = "crown", symbols: int | None = None, error_dtype=None,
+                        refine: str = "normalisers"):
     """Intervals of every value (dict id -> (l, u)) and the per-node domain flags.
 
     Nodes are visited in order; each value gets its IBP interval computed from
@@ -290,10 +324,11 @@ def intermediate_bounds(graph: Graph, input_sets, method: str = "crown", symbols
     zonotope bounds (both :mod:`diverify.bounds.zonotope`), the latter with
     the normalisation variances tightened by CROWN (:func:`refined_by_crown`;
     ``symbols``: the zonotope's order-reduction budget, ``error_dtype``: the float type of its
-    error coefficients, see :func:`diverify.bounds.zonotope.propagate`).
+    error coefficients, see :func:`diverify.bounds.zonotope.propagate`; ``refine``: which of its
+    intervals CROWN tightens, :func:`refined_by_crown`).
     """
     if method in ("forward", "zonotope"):
-        return forward_forms(graph, input_sets, method, symbols=symbols, error_dtype=error_dtype)
+        return forward_forms(graph, input_sets, method, symbols=symbols, error_dtype=error_dtype, refine=refine)
     env = dict(zip(graph.inputs, [s.interval() for s in input_sets]))
     needed = relaxed_inputs(graph) if method == "crown" else set()
     cache: dict = {}

@@ -23,6 +23,7 @@ def register(subparsers) -> None:
     common.add_ball_options(parser)
     common.add_precision_option(parser)
     common.add_symbols_option(parser)
+    common.add_refine_option(parser)
     parser.set_defaults(func=handler)
 
 
@@ -43,7 +44,8 @@ def handler(args) -> int:
     ball = cmav.embedding_ball(enc, prompt, pos, eps, common.norm_value(args.norm))
     fn = cmav.pooled_function(enc, prompt)
     t0 = time.perf_counter()
-    bf = compile_bounds(fn, ball, method=args.method, precision=args.precision, symbols=args.symbols)
+    bf = compile_bounds(fn, ball, method=args.method, precision=args.precision, symbols=args.symbols,
+                        refine=args.refine)
     trace_seconds = time.perf_counter() - t0
     res, compile_seconds, seconds = bf.timed(ball)
     lower, upper = np.asarray(res.output.lower), np.asarray(res.output.upper)
@@ -51,7 +53,7 @@ def handler(args) -> int:
     out = {"model": enc.name, "ids": [int(i) for i in prompt.ids[0]], "positions": pos, "norm": args.norm,
            "eps": eps, "lower": lower, "upper": upper, "center": center, "method": res.method,
            "intermediate_method": res.intermediate_method, "precision": args.precision,
-           "symbols": args.symbols, "mean_width": float(np.mean(upper - lower)),
+           "symbols": args.symbols, "refine": args.refine, "mean_width": float(np.mean(upper - lower)),
            "max_width": float(np.max(upper - lower)), "seconds": seconds,
            "compile_seconds": trace_seconds + compile_seconds}
     if args.json:

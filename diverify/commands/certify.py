@@ -41,6 +41,7 @@ def register(subparsers) -> None:
     common.add_ball_options(parser)
     common.add_precision_option(parser)
     common.add_symbols_option(parser)
+    common.add_refine_option(parser)
     parser.add_argument("--substitutions", nargs="+", metavar="W=a,b,c",
                         help="substitution set: word W of the prompt may become any of a, b, c (bound methods: "
                              "their convex hull; --method exhaustive: exactly these tokens)")
@@ -94,7 +95,7 @@ def handler(args) -> int:
         table = None
     cert = cmav.certify(enc, prompt, s, args.restricted, args.threshold, method=args.method, table_ids=table,
                         attack=not args.no_attack, seed=args.seed, precision=args.precision,
-                        symbols=symbols)
+                        symbols=symbols, refine=args.refine)
     if args.json:
         print(dumps(cert))
         return 0

@@ -25,6 +25,7 @@ def register(subparsers) -> None:
     common.add_ball_options(parser, eps_required=False)
     common.add_precision_option(parser)
     common.add_symbols_option(parser)
+    common.add_refine_option(parser)
     parser.add_argument("--restricted", nargs="+", required=True, metavar="TEXT")
     parser.add_argument("--threshold", type=float, required=True, metavar="TAU")
     parser.add_argument("--eps-max", type=float, default=0.1, help="upper end of the search (default 0.1)")
@@ -46,7 +47,8 @@ def handler(args) -> int:
         res = cmav.certified_radius(enc, prompt, pos, args.restricted, args.threshold,
                                     norm=common.norm_value(args.norm), method=args.method,
                                     eps_max=args.eps_max, steps=args.steps, progress=lambda n: bar.update(1),
-                                    precision=args.precision, symbols=args.symbols)
+                                    precision=args.precision, symbols=args.symbols,
+                                    refine=args.refine)
     if args.json:
         print(dumps(res))
         return 0

@@ -150,20 +150,27 @@ def test_reduction_at_cuts_is_sound_and_tighter_than_inside_a_branch(monkeypatch
     assert widths["cut"] < 0.995 * widths["branch"], widths
 
 
+def _tiny_bert_with_a_small_symbol_budget(tiny_bert_dir, monkeypatch):
+    """tiny-bert's pooled output and a 1e-4 ball on position 4, with the zonotope's symbol budget
+    made small so that it boxes errors for CROWN to recover (with the default budget tiny-bert
+    keeps every symbol and a refinement finds nothing to add)."""
+    from diverify.bounds import zonotope
+
+    monkeypatch.setattr(zonotope, "CUT_BUDGET", 256)
+    monkeypatch.setattr(zonotope, "KEEP_SYMBOLS", 64)
+    enc = load_text_encoder(tiny_bert_dir)
+    prompt = cmav.make_prompt(enc, ids=IDS)
+    return cmav.pooled_function(enc, prompt), cmav.embedding_ball(enc, prompt, [4], 1e-4)
+
+
 def test_crown_refined_variances_are_no_looser_and_keep_the_bound_sound(tiny_bert_dir, monkeypatch):
     """The zonotope method tightens LayerNorm variances and softmax denominators with CROWN: every lower bound is
     at least the plain zonotope's, the final bound no wider, and still sound. (The zonotope's
     symbol budget is made small so that it has boxed errors for CROWN to recover: with the
     default budget tiny-bert keeps every symbol and the refinement finds nothing to add.)"""
-    from diverify.bounds import backward, zonotope
+    from diverify.bounds import backward
 
-    monkeypatch.setattr(zonotope, "CUT_BUDGET", 256)
-    monkeypatch.setattr(zonotope, "KEEP_SYMBOLS", 64)
-
-    enc = load_text_encoder(tiny_bert_dir)
-    prompt = cmav.make_prompt(enc, ids=IDS)
-    fn = cmav.pooled_function(enc, prompt)
-    ball = cmav.embedding_ball(enc, prompt, [4], 1e-4)
+    fn, ball = _tiny_bert_with_a_small_symbol_budget(tiny_bert_dir, monkeypatch)
     bf = compile_bounds(fn, ball, method="zonotope")
     targets = backward.refined_by_crown(bf.graph)
     assert targets
@@ -178,6 +185,41 @@ def test_crown_refined_variances_are_no_looser_and_keep_the_bound_sound(tiny_ber
     w = lambda r: float(np.mean(np.asarray(r.output.upper - r.output.lower)))  # noqa: E731
     assert w(refined) <= w(plain)
     check_sound(fn, ball, refined.output, jax.random.PRNGKey(3), n=64, attack_directions=2)
+
+
+@pytest.mark.parametrize("scope", ["attention", "all"])
+def test_wider_refinement_tightens_the_intervals_it_adds_and_stays_sound(tiny_bert_dir, monkeypatch, scope):
+    """``refine="attention"`` also tightens, with CROWN, the operands of the products of two perturbed
+    tensors (queries, keys, attention weights, values) and the softmax's ``exp`` inputs; ``"all"``
+    every relaxation's input (the GELU inputs too). Each selects those on top of the narrower scope,
+    every lower bound of theirs is at least the default's (float32 noise aside) and some are higher,
+    the final bound is no wider, and it is sound at sampled, corner and attack points. (Small symbol
+    budget, as above, so that there are boxed errors to recover.) An unknown scope is a clear error."""
+    from diverify.bounds import backward
+    from diverify.bounds.graph import Const
+    from diverify.errors import DiverifyError
+
+    fn, ball = _tiny_bert_with_a_small_symbol_budget(tiny_bert_dir, monkeypatch)
+    bf = compile_bounds(fn, ball, method="zonotope", refine=scope)
+    default = backward.refined_by_crown(bf.graph)
+    narrower = backward.refined_by_crown(bf.graph, "attention" if scope == "all" else "normalisers")
+    targets = backward.refined_by_crown(bf.graph, scope)
+    extra = targets - default
+    names = {n.name for n in bf.graph.nodes for v in n.inputs if not isinstance(v, Const) and v in targets - narrower}
+    assert default <= narrower < targets
+    expected = ("dot_general", "exp") if scope == "attention" else ("gelu",)  # tiny-bert: gelu_tanh
+    assert all(any(n.startswith(e) for n in names) for e in expected), names
+    refined = bf(ball)
+    plain = compile_bounds(fn, ball, method="zonotope")(ball)
+    keys = [f"{k}:{n.name}" for k, n in enumerate(bf.graph.nodes) if set(n.outputs) & extra]
+    gain = [float(np.min(np.asarray(refined.intermediates[k].lower - plain.intermediates[k].lower)
+                         / np.maximum(np.abs(np.asarray(plain.intermediates[k].lower)), 1e-3))) for k in keys]
+    assert min(gain) >= -1e-5 and max(gain) > 1e-5, gain
+    w = lambda r: float(np.mean(np.asarray(r.output.upper - r.output.lower)))  # noqa: E731
+    assert w(refined) <= w(plain) * (1 + 1e-6)
+    check_sound(fn, ball, refined.output, jax.random.PRNGKey(4), n=64, attack_directions=2)
+    with pytest.raises(DiverifyError, match="refine must be one of normalisers, attention, all"):
+        compile_bounds(fn, ball, method="zonotope", refine="everything")
 
 
 @pytest.mark.parametrize("method", ["zonotope", "crown-zonotope"])
