@@ -28,6 +28,7 @@ import numpy as np
 
 from diverify import cmav
 from diverify.bounds import compile_bounds
+from diverify.bounds.backward import REFINE_SCOPES
 from diverify.errors import DiverifyError
 from diverify.models import load_text_encoder
 
@@ -53,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", default=["ibp", "forward", "crown-ibp", "crown-forward", "crown"])
     p.add_argument("--precision", nargs="+", default=["float32"], choices=["float32", "float64", "mixed"],
                    help="arithmetic of the bound computation; each method runs in each precision")
-    p.add_argument("--refine", default="normalisers", choices=["normalisers", "attention", "all"],
+    p.add_argument("--refine", default="normalisers", choices=REFINE_SCOPES,
                    help="which zonotope intervals CROWN tightens (compile_bounds' refine)")
     p.add_argument("--symbols", type=int, default=None,
                    help="error symbols the zonotope keeps at each order reduction (default: the engine's)")
