@@ -1,7 +1,7 @@
 """Lipschitz bounds of the reverse DDIM chain on the trained digits denoiser, the exact-score
 mixture, or a DiT-S/2-sized model.
 
-For each T: the global product, the local (balls) and reach (boxes) engine bounds for each
+For each T: the global product, the local (balls) and reach (the engine's output sets) bounds for each
 engine method and radius, and the empirical lower bound, with seconds (total, and the engine's
 tracing + compilation, done once for all steps). A method the engine cannot bound for this
 model is reported with its error, not skipped. ``--diagnose`` bounds the first step once per
@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diverify.bounds.backward import REFINE_SCOPES
 from diverify.diffusion import gmm
 from diverify.diffusion.schedulers import ddim_schedule, noise_schedule, read_noise_schedule
 from diverify.errors import DiverifyError
@@ -138,6 +139,8 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="the engine op by op (no whole-program XLA compile)")
     parser.add_argument("--symbols", type=int, default=None,
                         help="error symbols the zonotope keeps at each order reduction (default: the engine's)")
+    parser.add_argument("--refine", choices=REFINE_SCOPES, default="normalisers",
+                        help="which zonotope intervals CROWN tightens (compile_bounds' refine; default normalisers)")
     parser.add_argument("--keep-decision", action="store_true",
                         help="also the certified radius keeping the classifier's decision (see above)")
     parser.add_argument("--out", type=Path, default=None)
@@ -184,6 +187,7 @@ def main() -> None:
                     rep = lipschitz_report(chain, method, radius, lip, engine_method,
                                            compiled=caches.get(engine_method), precision=args.precision,
                                            decision=decision, eager=args.eager, symbols=args.symbols,
+                                           refine=args.refine,
                                            progress=None if method == "global" else step_done)
                     row = dict(log10_certified=rep.log10_cumulative, empirical_lower=rep.empirical_lower,
                                chain_jacobian=rep.empirical_chain_jacobian,
@@ -200,7 +204,8 @@ def main() -> None:
                     row = dict(error=str(err), seconds=time.perf_counter() - start)
                 rows.append(dict(row, steps=steps, method=method, engine_method=engine_method, radius=radius,
                                  precision=None if method == "global" else args.precision,
-                                 symbols=None if method == "global" else args.symbols))
+                                 symbols=None if method == "global" else args.symbols,
+                                 refine=None if method == "global" else args.refine))
                 head = f"T={steps:>3} {method:>7} {engine_method:>14} r={radius:<7g}"
                 if row["error"]:
                     print(f"{head} error: {row['error'][:110]}  ({row['seconds']:.1f} s)", flush=True)

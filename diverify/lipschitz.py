@@ -21,17 +21,30 @@ Norms are Euclidean over the whole sample. Three certified methods:
   (:func:`l2_step_radius`: the spectral norm of the linear part, ~||J||_2 rho_i
   for a small ball), with either that or the box's farthest corner when smaller; with
   other methods from the corner alone (~||J||_F rho_i at best, up to sqrt(d) times
-  more per step). By induction every
+  more per step). The centres x̄_i are computed in the engine's arithmetic: with
+  ``float64``/``mixed`` the trajectory is the step map evaluated in float64, so the engine's
+  centre f_i(x̄_i) and the next ball's centre differ by float64 rounding instead of by the
+  float32 sampler's own rounding (on the digits UNet ~1e-6 in l2, 6-13% of a 1e-5 ball's
+  radius added at every step). By induction every
   x_T in B(x̄_T, r) has x_i in B(x̄_i, rho_i); per step rho_{i+1} / rho_i,
   cumulative rho_T / r bounds ||F(x_T) - F(x̄_T)|| / r (an expansion about
   the clean point, the quantity a certified radius needs).
-* ``reach``: the same, but the engine's box of step i is the input set of step
-  i+1 (no re-rounding to a ball); cumulative = l2 radius of the last box / r.
+* ``reach``: the engine's output set of step i is the input set of step i+1
+  (no re-rounding to a ball). With ``zonotope``/``forward`` it is the output's
+  affine form in the coordinates of the x_T ball, an
+  :class:`~diverify.specs.AffineBall` ``c_i + M_i u + [-h_i, h_i]`` (||u||_2 <= 1):
+  the linear parts compose, so M_T ~ J_T ... J_1 r keeps the chain's own Jacobian
+  (||J_chain||_2 r) where local multiplies the steps' norms (prod ||J_i||_2 r:
+  on the digits UNet at T = 50, 10.95 against 2.27), and only the engine's
+  error boxes h_i go through later steps as boxes. With other engine methods
+  it is the output box. rho_{i+1} is the l2 distance bound from x̄_{i+1} to that
+  set; cumulative = rho_T / r.
 
 Every certified number sits next to an empirical lower bound: the spectral
 norm of each step's Jacobian at x̄_i and of the chain's Jacobian at x̄_T
 (power iteration on the map linearised once per point), and a projected-gradient attack on
-||F(x̄_T + delta) - F(x̄_T)|| over ||delta|| <= r. The attack ratio is a lower
+||F(x̄_T + delta) - F(x̄_T)|| over ||delta|| <= r (evaluated in float64 when the engine computes
+in float64: at r = 1e-5 the float32 chain's own rounding would add ~10% on the digits UNet). The attack ratio is a lower
 bound of all three certified cumulative numbers; the chain's Jacobian norm
 is a lower bound of the global one.
 
@@ -322,11 +335,22 @@ def chain_function(chain: Chain) -> Callable[[jax.Array], jax.Array]:
     return lambda x: run(chain.step, x, chain.inputs)
 
 
-def clean_trajectory(chain: Chain) -> list[jax.Array]:
-    """x̄_T, ..., x̄_0 from the chain's x_T."""
-    states = [chain.x_T]
-    for i in range(chain.num_steps):
-        states.append(chain.jit_step(states[-1], chain.inputs[i]))
+def clean_trajectory(chain: Chain, float64: bool = False) -> list:
+    """x̄_T, ..., x̄_0 from the chain's x_T: the float32 sampler's states (JAX arrays), or with
+    ``float64`` the same step map evaluated in float64 (NumPy float64 arrays, so that they keep
+    their precision outside ``jax.enable_x64``): the centres of the local balls when the engine
+    computes in float64 (:func:`engine_chain`)."""
+    if not float64:
+        states = [chain.x_T]
+        for i in range(chain.num_steps):
+            states.append(chain.jit_step(states[-1], chain.inputs[i]))
+        return states
+    with jax.enable_x64(True):
+        step = jax.jit(chain.step)
+        states = [np.asarray(chain.x_T, np.float64)]
+        for i in range(chain.num_steps):
+            x = step(jnp.asarray(states[-1], jnp.float64), jnp.asarray(chain.inputs[i], jnp.float64))
+            states.append(np.asarray(x, np.float64))
     return states
 
 
@@ -532,7 +556,8 @@ def _l2_parts_function(bf: Any) -> Callable:
     def parts(in_set, k_box):
         sets = bf.engine_sets(in_set, k_box)
         env, flags, forms, blocks = backward.forward_forms(bf.graph, sets, bf.method, output_forms=True,
-                                                           symbols=bf.symbols, error_dtype=error_dtype(bf.precision))
+                                                           symbols=bf.symbols, error_dtype=error_dtype(bf.precision),
+                                                           refine=bf.refine)
         centre, half, mats = zonotope.l2_parts(forms[0], blocks)
         lo, hi = env[bf.graph.outputs[0]]
         return centre, half, mats, lo, hi, jnp.stack([jnp.asarray(f) for f in flags])
@@ -540,14 +565,16 @@ def _l2_parts_function(bf: Any) -> Callable:
     return parts
 
 
-def l2_step_radius(sb: StepBound, ball: Any, k: jax.Array, reference: Any) -> tuple[float, Any, Any]:
-    """Upper bound of ||f(x, k) - reference||_2 over the l2 ball, from the output's affine form:
-    sum_b ||M_b||_2 + || |centre - reference| + halfwidth ||_2 (:func:`diverify.bounds.zonotope.l2_parts`),
-    with the spectral norms from a float64 SVD padded by a relative 1e-10 (a backward-stable SVD errs
-    by ~n^2 ulp) and the sum rounded up to float32. Also returns the engine's output box (lo, hi).
-    Where the step is nearly linear this is ||J||_2 r plus second-order terms; the box's farthest corner
-    (:func:`_box_radius`) is ||J||_F r at best."""
-    centre, half, mats, lo, hi = sb.l2_parts(ball, k)
+def l2_step_radius(sb: StepBound, in_set: Any, k: jax.Array, reference: Any) -> tuple[float, tuple]:
+    """Upper bound of ||f(x, k) - reference||_2 over ``in_set`` (an l2 ball or an
+    :class:`~diverify.specs.AffineBall`), from the output's affine form: sum_b ||M_b||_2 +
+    || |centre - reference| + halfwidth ||_2 (:func:`diverify.bounds.zonotope.l2_parts`), with the
+    spectral norms from a float64 SVD padded by a relative 1e-10 (a backward-stable SVD errs by ~n^2
+    ulp) and the sum rounded up to float32. Also returns the parts (centre, halfwidth, [M_b], lo, hi),
+    lo/hi the engine's output box. Where the step is nearly linear this is ||J||_2 r plus second-order
+    terms; the box's farthest corner (:func:`_box_radius`) is ||J||_F r at best."""
+    parts = sb.l2_parts(in_set, k)
+    centre, half, mats = parts[:3]
     ref = np.asarray(reference, np.float64).reshape(-1)
     spread = np.abs(np.asarray(centre, np.float64) - ref) + np.asarray(half, np.float64)
     total = sum(float(np.linalg.norm(np.asarray(m, np.float64), 2)) * (1 + 1e-10) for m in mats)
@@ -556,12 +583,30 @@ def l2_step_radius(sb: StepBound, ball: Any, k: jax.Array, reference: Any) -> tu
         raise DiverifyError(f"the {sb.bound_function.method} bound of a step is not finite: the radius is too large "
                             "for this method")
     r32 = np.float32(r)
-    return float(r32 if float(r32) >= r else np.nextafter(r32, np.float32(np.inf))), lo, hi
+    return float(r32 if float(r32) >= r else np.nextafter(r32, np.float32(np.inf))), parts
+
+
+def _image_set(parts: tuple, like: np.ndarray) -> Any:
+    """The step's output set ``centre + M u + [-half, half]`` (||u||_2 <= 1) as the next step's input:
+    an :class:`~diverify.specs.AffineBall` of ``like``'s shape and dtype. Stored in float32, the
+    rounding of its centre and generators moves into ``half`` (rounded up), so it still holds the set."""
+    from diverify.specs import affine_ball
+
+    centre, half = (np.asarray(p, np.float64).reshape(like.shape) for p in parts[:2])
+    (m,) = parts[2]  # one input set: the sample
+    gens = np.asarray(m, np.float64).T.reshape((-1,) + like.shape)
+    if like.dtype == np.float32:
+        c32, g32 = centre.astype(np.float32), gens.astype(np.float32)
+        half = (half + np.abs(centre - c32) + np.sum(np.abs(gens - g32), axis=0)) * (1 + 1e-12)
+        h32 = half.astype(np.float32)
+        half = np.where(h32 < half, np.nextafter(h32, np.float32(np.inf)), h32)
+        centre, gens = c32, g32
+    return affine_ball(centre, gens, half)
 
 
 def compile_step_bound(chain: Chain, in_set: Any, engine_method: str,
                        memory_limit: int | None = None, precision: str = PRECISION, l2: bool = False,
-                       eager: bool = False, symbols: int | None = None) -> StepBound:
+                       eager: bool = False, symbols: int | None = None, refine: str = "normalisers") -> StepBound:
     """Trace and compile the bound of the step map for sets like ``in_set``, in ``precision``
     (``"float32"``, ``"float64"`` or ``"mixed"``, see the module docstring); with ``l2`` (an l2 ball and an
     engine method of :data:`L2_METHODS`) also the output's affine form for :func:`l2_step_radius`.
@@ -573,7 +618,8 @@ def compile_step_bound(chain: Chain, in_set: Any, engine_method: str,
     on first use) instead of compiling it as one XLA program; no memory estimate then. On the
     digits UNet in float64 that skips the ~1.5 min compilation but each step takes ~4x as long
     (~40 s instead of ~10 s on 2 CPU cores). ``symbols``: the error symbols the zonotope methods
-    keep at each order reduction (``compile_bounds(..., symbols=)``; None: the engine's default).
+    keep at each order reduction (``compile_bounds(..., symbols=)``; None: the engine's default);
+    ``refine``: which of their intervals CROWN tightens (``compile_bounds(..., refine=)``).
     """
     from diverify.bounds.api import compile_bounds
     from diverify.specs import Box
@@ -586,7 +632,8 @@ def compile_step_bound(chain: Chain, in_set: Any, engine_method: str,
 
     k = chain.inputs[:1]
     start = time.perf_counter()
-    bf = compile_bounds(flat, in_set, Box(k, k), method=engine_method, precision=precision, symbols=symbols)
+    bf = compile_bounds(flat, in_set, Box(k, k), method=engine_method, precision=precision, symbols=symbols,
+                        refine=refine)
     # With l2 the parts include the output box: one function serves both.
     run = _l2_parts_function(bf) if l2 else bf.unchecked
     need = 0
@@ -607,46 +654,65 @@ def compile_step_bound(chain: Chain, in_set: Any, engine_method: str,
     return StepBound(step, bf, exe, seconds, need, precision, l2_exe, eager)
 
 
+def _ball(centre: np.ndarray, radius: float) -> Any:
+    """The l2 ball B(centre, radius); a float64 centre stays float64 (NumPy, outside ``enable_x64``)."""
+    from diverify.specs import lp_ball
+
+    ball = lp_ball(centre, radius, p=2)
+    return dataclasses.replace(ball, center=centre) if centre.dtype == np.float64 else ball
+
+
 def engine_chain(chain: Chain, radius: float, method: str, engine_method: str = "zonotope",
                  trajectory: list | None = None, compiled: dict | None = None,
                  progress: Callable | None = None, precision: str = PRECISION,
-                 eager: bool = False, symbols: int | None = None) -> tuple[list[float], list[float]]:
-    """Radii rho_0 = radius, rho_1, ..., rho_T of the ``local`` (balls) or ``reach`` (boxes) propagation,
+                 eager: bool = False, symbols: int | None = None,
+                 refine: str = "normalisers") -> tuple[list[float], list[float]]:
+    """Radii rho_0 = radius, rho_1, ..., rho_T of the ``local`` (balls) or ``reach`` propagation,
     the engine computing in ``precision`` (op by op with ``eager``; ``symbols`` kept at each order
-    reduction: see :func:`compile_step_bound`).
+    reduction, ``refine``: see :func:`compile_step_bound`). ``reach`` carries the engine's output set of step i as
+    the input of step i+1: with an engine method of :data:`L2_METHODS` its affine form in the x_T
+    ball's coordinates (an :class:`~diverify.specs.AffineBall`: the composed linear parts keep the
+    chain's own Jacobian, ~||J_chain||_2 r, where local multiplies the steps' norms), else its box.
 
     Returns (rho, box_widths): ``box_widths[i]`` is the largest half-width of step i's output box.
     ``compiled`` caches the :class:`StepBound` per kind of input set (one for all steps and radii, and
     for every chain that shares this chain's step map, see :func:`rechain`; recompiled for another precision).
     """
-    from diverify.specs import Box, lp_ball
+    from diverify.specs import Box, affine_ball
 
     from diverify.bounds.api import canonical_method
 
-    traj = clean_trajectory(chain) if trajectory is None else trajectory
+    traj = clean_trajectory(chain, precision != "float32") if trajectory is None else trajectory
+    # Each ball's centre is the reference its radius was measured from, in one dtype for every step.
+    centres = [np.asarray(t, np.float32 if precision == "float32" else np.float64).reshape(1, -1) for t in traj]
     compiled = {} if compiled is None else compiled
-    l2 = method == "local" and canonical_method(engine_method) in L2_METHODS
+    l2 = canonical_method(engine_method) in L2_METHODS
     rho, widths = [float(radius)], []
-    box = None
+    nxt_set = None
+    if method == "reach" and l2:
+        eye = np.eye(centres[0].size).reshape((centres[0].size,) + centres[0].shape)
+        nxt_set = affine_ball(centres[0], eye * radius)
     for i in range(chain.num_steps):
-        centre = traj[i].reshape(1, -1)
-        in_set = lp_ball(centre, rho[-1], p=2) if method == "local" or box is None else box
+        in_set = _ball(centres[i], rho[-1]) if method == "local" or nxt_set is None else nxt_set
         kind = type(in_set).__name__
         sb = compiled.get(kind)
         if sb is None or sb.step is not chain.step or sb.precision != precision or sb.eager != eager or \
-                sb.bound_function.symbols != symbols or (l2 and sb.l2_executable is None):
+                sb.bound_function.symbols != symbols or sb.bound_function.refine != refine or \
+                (l2 and sb.l2_executable is None):
             sb = compiled[kind] = compile_step_bound(chain, in_set, engine_method, precision=precision, l2=l2,
-                                                     eager=eager, symbols=symbols)
-        nxt = traj[i + 1].reshape(1, -1)
+                                                     eager=eager, symbols=symbols, refine=refine)
+        nxt = centres[i + 1]
         if l2:
-            r2, lo, hi = l2_step_radius(sb, in_set, chain.inputs[i], nxt)
+            r2, parts = l2_step_radius(sb, in_set, chain.inputs[i], nxt)
+            lo, hi = parts[3], parts[4]
             rho.append(min(r2, _box_radius(lo, hi, nxt)))
+            nxt_set = _image_set(parts, nxt) if method == "reach" else None
         else:
             out = sb(in_set, chain.inputs[i])
             lo, hi = out.lower, out.upper
             rho.append(_box_radius(lo, hi, nxt))
+            nxt_set = Box(lo, hi)
         widths.append(float(np.max(np.asarray(hi, np.float64) - np.asarray(lo, np.float64))) / 2)
-        box = Box(lo, hi)
         if progress is not None:
             progress()
     return rho, widths
@@ -702,7 +768,7 @@ def sphere_ascent(value_and_grad: Callable, x: jax.Array, radius: float, key: ja
     sphere; ``value_and_grad(delta) -> (value, gradient)``, ``x`` gives the shape)."""
     best = -math.inf
     for k in range(restarts):
-        d = jax.random.normal(jax.random.fold_in(key, k), x.shape, jnp.float32)
+        d = jax.random.normal(jax.random.fold_in(key, k), x.shape, x.dtype)
         d = radius * d / jnp.linalg.norm(d)
         for _ in range(steps + 1):
             val, g = value_and_grad(d)
@@ -899,7 +965,8 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
                      key: jax.Array | None = None, bisect_iters: int = 6,
                      progress: Callable | None = None, compiled: dict | None = None,
                      precision: str = PRECISION, decision: LinearDecision | None = None,
-                     eager: bool = False, symbols: int | None = None) -> LipschitzReport:
+                     eager: bool = False, symbols: int | None = None,
+                     refine: str = "normalisers") -> LipschitzReport:
     """Bounds of ``method`` for ``chain`` over the l2 ball of ``radius`` around its x_T (local/reach: the
     engine computing in ``precision``).
 
@@ -909,12 +976,15 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
     radius are computed too. ``decision`` (instead of ``distance``): the distance is the clean x̄_0's
     distance to the decision boundary, and the attack tries to change the decision.
     ``compiled``: a cache of step bounds (see :func:`engine_chain`); ``eager``: the engine op by op,
-    ``symbols``: its order-reduction budget (:func:`compile_step_bound`).
+    ``symbols``: its order-reduction budget, ``refine``: its CROWN refinements (:func:`compile_step_bound`).
     """
     if method not in METHODS:
         raise DiverifyError(f"unknown Lipschitz method {method!r}: choose one of {', '.join(METHODS)}")
     if precision not in PRECISIONS:
         raise DiverifyError(f"unknown precision {precision!r}: choose float32, float64 or mixed")
+    from diverify.bounds.api import check_refine
+
+    check_refine(refine)
     if not (math.isfinite(radius) and radius > 0):
         raise DiverifyError(f"radius must be a positive finite number, got {radius}")
     if distance is not None and not (math.isfinite(distance) and distance > 0):
@@ -924,9 +994,11 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
     key = jax.random.PRNGKey(0) if key is None else key
     start = time.perf_counter()
     traj = clean_trajectory(chain)
+    # The certificates are about balls around the trajectory the engine's arithmetic computes.
+    centres = traj if method == "global" or precision == "float32" else clean_trajectory(chain, float64=True)
     label = None
     if decision is not None:
-        label, distance = decision.boundary_distance(traj[-1])
+        label, distance = decision.boundary_distance(centres[-1])
     cond_cum, radii, cert_radius, compile_seconds, cond_radius, log_cond = None, None, None, None, None, None
     if method == "global":
         if eps_lipschitz is None:
@@ -942,16 +1014,17 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
     else:
         compiled = {} if compiled is None else compiled
         cached = {id(b) for b in compiled.values()}
-        radii, _ = engine_chain(chain, radius, method, engine_method, traj, compiled, progress, precision, eager,
-                                symbols)
+        radii, _ = engine_chain(chain, radius, method, engine_method, centres, compiled, progress, precision, eager,
+                                symbols, refine)
         per_step = [radii[i + 1] / radii[i] if radii[i] > 0 else 0.0 for i in range(chain.num_steps)]
         cumulative = radii[-1] / radius
         log_cumulative = math.log10(cumulative) if cumulative > 0 else -math.inf
         if distance is not None:
             def holds(r):
                 try:
-                    return engine_chain(chain, r, method, engine_method, traj, compiled,
-                                        precision=precision, eager=eager, symbols=symbols)[0][-1] <= distance
+                    return engine_chain(chain, r, method, engine_method, centres, compiled,
+                                        precision=precision, eager=eager, symbols=symbols,
+                                        refine=refine)[0][-1] <= distance
                 except DiverifyError:
                     return False
             cert_radius = _bisect_radius(holds, radius, bisect_iters)
@@ -963,7 +1036,12 @@ def lipschitz_report(chain: Chain, method: str, radius: float,
     emp_chain = jacobian_norm(lambda x, inputs: _run_chain(chain.step, x, inputs), chain.x_T, keys[-2],
                               args=(chain.inputs,))
     objective = attack_objective(f)
-    emp_attack = attack_ratio(objective, chain.x_T, traj[-1], radius, keys[-1])
+    if centres is traj:
+        emp_attack = attack_ratio(objective, chain.x_T, traj[-1], radius, keys[-1])
+    else:  # in float64 too: at r = 1e-5 the float32 chain's rounding alone moves x_0 by ~r / 10
+        with jax.enable_x64(True):
+            emp_attack = attack_ratio(attack_objective(chain_function(chain)), jnp.asarray(centres[0]),
+                                      jnp.asarray(centres[-1]), radius, keys[-1])
     emp_lower = max(emp_chain, emp_attack) if method == "global" else emp_attack
     emp_radius = None
     if decision is not None:

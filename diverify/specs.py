@@ -118,9 +118,59 @@ def lp_ball(center, eps, p=np.inf, mask=None) -> LpBall:
     return LpBall(center=center, eps=jnp.asarray(eps, jnp.float32), mask=mask, p=p)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AffineBall:
+    """The image of the unit l2 ball under an affine map, plus a box:
+    ``x = center + sum_k u_k generators[k] + e`` with ``||u||_2 <= 1`` and ``|e| <= half``
+    elementwise (``generators`` of shape ``(m, *center.shape)``, ``half >= 0`` of ``center``'s).
+
+    The set an l2 ball becomes after a map bounded by a zonotope
+    (:func:`diverify.bounds.zonotope.l2_parts`), so that it can be the next map's input
+    without rounding it to a ball or a box (the reach chain of :mod:`diverify.lipschitz`).
+    Concretisation is exact: ``min <a, x> = <a, center> - ||(<a, g_k>)_k||_2 - <|a|, half>``
+    (Cauchy-Schwarz for the ball's image, attained; the box term per element).
+    """
+
+    center: Array
+    generators: Array
+    half: Array
+
+    def interval(self) -> tuple[Array, Array]:
+        radius = jnp.sqrt(jnp.sum(self.generators * self.generators, axis=0)) + self.half
+        return self.center - radius, self.center + radius
+
+    def minimize_linear(self, a: Array) -> Array:
+        rows = a.reshape(a.shape[0], -1)
+        proj = jnp.matmul(rows, self.generators.reshape(self.generators.shape[0], -1).T, precision=HIGHEST)
+        return _sum_rows(a * self.center) - jnp.sqrt(jnp.sum(proj * proj, axis=1)) - _sum_rows(jnp.abs(a) * self.half)
+
+
+def affine_ball(center, generators, half=None) -> AffineBall:
+    """Build an :class:`AffineBall`, checking shapes and signs. All three arrays take ``center``'s
+    float type: float32 (JAX arrays), or float64 for a NumPy float64 centre (kept as NumPy arrays,
+    so that they stay float64 outside ``jax.enable_x64``)."""
+    wide = isinstance(center, np.ndarray) and center.dtype == np.float64
+
+    def array(x):
+        return np.asarray(x, np.float64) if wide else jnp.asarray(x, jnp.float32)
+
+    center, generators = array(center), array(generators)
+    half = array(np.zeros(center.shape) if half is None else half)
+    if generators.ndim < 1 or tuple(generators.shape[1:]) != tuple(center.shape):
+        raise DiverifyError(f"an AffineBall's generators need shape (m, *{tuple(center.shape)}), "
+                            f"got {tuple(generators.shape)}")
+    if tuple(half.shape) != tuple(center.shape):
+        raise DiverifyError(f"an AffineBall's half-widths need shape {tuple(center.shape)}, got {tuple(half.shape)}")
+    ball = AffineBall(center, generators, half)
+    check_set(ball, "AffineBall")
+    return ball
+
+
 def check_set(input_set, where: str = "input set") -> None:
     """Raise a :class:`DiverifyError` unless ``input_set``'s numbers describe a set: every float
-    finite, an :class:`LpBall`'s ``eps`` and ``mask`` >= 0, a :class:`Box`'s ``lower <= upper``.
+    finite, an :class:`LpBall`'s ``eps`` and ``mask`` >= 0, a :class:`Box`'s ``lower <= upper``, an
+    :class:`AffineBall`'s ``half`` >= 0.
 
     Sets built field by field (``LpBall(center, eps, p)`` puts ``p`` into ``mask``) bypass the
     checks of :func:`lp_ball`; this catches them before they reach a bound. Traced values (under
@@ -141,6 +191,8 @@ def check_set(input_set, where: str = "input set") -> None:
             raise DiverifyError(f"{where}: an LpBall's mask must be >= 0 (build it with diverify.specs.lp_ball)")
     if isinstance(input_set, Box) and np.any(np.asarray(input_set.lower) > np.asarray(input_set.upper)):
         raise DiverifyError(f"{where}: a Box needs lower <= upper everywhere")
+    if isinstance(input_set, AffineBall) and np.any(np.asarray(input_set.half) < 0):
+        raise DiverifyError(f"{where}: an AffineBall's half-widths must be >= 0")
 
 
 @jax.tree_util.register_dataclass

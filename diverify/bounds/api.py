@@ -404,7 +404,8 @@ def compile_bounds(fn: Callable, *args, method: str = "crown", spec=None, alpha_
     (zonotope methods only; default :data:`diverify.bounds.zonotope.KEEP_SYMBOLS`):
     more is tighter and costs time and memory in proportion.
     ``refine``: which zonotope intervals a backward CROWN pass tightens once an order
-    reduction has boxed symbols (zonotope methods only): ``"normalisers"`` (normalisation
+    reduction has boxed symbols (zonotope methods only): ``"none"`` (the zonotope alone),
+    ``"normalisers"`` (normalisation
     variances and softmax denominators, the default) or ``"attention"`` (also the operands
     of products of two perturbed tensors and the softmax's ``exp`` inputs: tighter on deep
     transformers at large radii, ~3x the time) or ``"all"`` (every relaxation's input: the

@@ -92,7 +92,7 @@ from diverify.bounds.graph import Const, Graph, Node
 from diverify.bounds.interval import intersect, node_interval
 from diverify.bounds.ops import kind, linear_part, linear_radius, relaxed_inputs, rounding_count
 from diverify.bounds.synthetic import simplex_weights
-from diverify.specs import Box, LpBall
+from diverify.specs import AffineBall, Box, LpBall
 
 #: Nodes of at most this many elements turn their slack into fresh error symbols at once.
 FRESH_LIMIT = 4096
@@ -682,7 +682,9 @@ def l2_parts(v: Zonotope, blocks: _Blocks):
     (elementwise): returns (centre, halfwidth, [M_b]) with ``M_b`` of shape (v.size, n_b).
 
     Each input block whose set is one l2 ball (:class:`~diverify.specs.LpBall`, p = 2, a single
-    unmasked ball) gives ``M_b = eps T_b^T`` and its centre's image; a :class:`~diverify.specs.Box`
+    unmasked ball) gives ``M_b = eps T_b^T`` and its centre's image; an
+    :class:`~diverify.specs.AffineBall` ``c + G u + [-h, h]`` gives ``M_b = T_b^T G``, its centre's
+    image and ``|T_b^T| h`` (plus the rounding of those products); a :class:`~diverify.specs.Box`
     input block, the error blocks and the slack are boxed (exact for a one-point box). Then, for
     any point ``ref``, ``||v - ref||_2 <= sum_b ||M_b||_2 + || |centre - ref| + halfwidth ||_2``: the
     l2 geometry of the ball is kept, where the box around ``v`` would cost up to sqrt(v.size) in
@@ -705,6 +707,17 @@ def l2_parts(v: Zonotope, blocks: _Blocks):
             mid, rad = ((s.upper + s.lower) / 2).reshape(-1), ((s.upper - s.lower) / 2).reshape(-1)
             centre = centre + jnp.matmul(mid, rows, precision=jax.lax.Precision.HIGHEST)
             half = half + jnp.matmul(rad, jnp.abs(rows), precision=jax.lax.Precision.HIGHEST)
+        elif isinstance(s, AffineBall):
+            gens = s.generators.reshape(s.generators.shape[0], -1)
+            centre = centre + jnp.matmul(s.center.reshape(-1), rows, precision=jax.lax.Precision.HIGHEST)
+            mats.append(jnp.transpose(jnp.matmul(gens, rows, precision=jax.lax.Precision.HIGHEST)))
+            # |T^T| h, padded by a bound of the three products' rounding (sums of rows.shape[0] terms,
+            # 2 ulp each, summed over u's coordinates for M): the set centre + M u + [-half, half]
+            # then holds the exact image also when M is carried on as the next set's generators.
+            spread = jnp.abs(s.center.reshape(-1)) + jnp.sum(jnp.abs(gens), axis=0) + s.half.reshape(-1)
+            gamma = (rows.shape[0] + 2) * float(jnp.finfo(rows.dtype).eps)
+            half = half + jnp.matmul(s.half.reshape(-1) + gamma * spread, jnp.abs(rows),
+                                     precision=jax.lax.Precision.HIGHEST)
         else:
-            raise ValueError(f"l2_parts needs l2-ball or box input sets, got {type(s).__name__}")
+            raise ValueError(f"l2_parts needs l2-ball, affine-ball or box input sets, got {type(s).__name__}")
     return centre, half, mats

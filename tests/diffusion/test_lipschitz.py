@@ -118,7 +118,8 @@ def test_engine_radii_contain_sampled_trajectories(method, precision, engine):
 def test_symbol_budget_reaches_the_step_bound_and_a_smaller_one_stays_sound():
     """``symbols`` (the zonotope's order-reduction budget) is the compiled step bound's, a cached
     bound with another budget is recompiled, and a tiny budget (every value reduced) gives a
-    radius no smaller than the default's that still holds every sampled end point."""
+    radius no smaller than the default's that still holds every sampled end point; ``refine``
+    reaches the step bound the same way."""
     mix, schedule = mixture(16), sch.ddim_schedule(NOISE, 2)
     x_T = jnp.asarray(np.random.default_rng(2).normal(size=(1, 16)) * 0.5, jnp.float32)
     chain = L.make_chain(G.gmm_eps, mix, None, schedule, x_T)
@@ -128,11 +129,75 @@ def test_symbol_budget_reaches_the_step_bound_and_a_smaller_one_stays_sound():
     rho, _ = L.engine_chain(chain, radius, "local", "zonotope", compiled=compiled, precision="float64")
     assert compiled["LpBall"].bound_function.symbols is None
     assert rho_few[-1] >= rho[-1] * (1 - 1e-9) and rho_few[-1] > rho[-1], (rho_few, rho)
+    # refine= reaches the step bound too (recompiled); with every symbol kept there is nothing to refine
+    rho_plain, _ = L.engine_chain(chain, radius, "local", "zonotope", compiled=compiled, precision="float64",
+                                  refine="none")
+    assert compiled["LpBall"].bound_function.refine == "none"
+    np.testing.assert_allclose(rho_plain, rho, rtol=1e-9)
     fmap = jax.jit(jax.vmap(G.ddim_map(mix, schedule)))
     dirs = np.random.default_rng(3).normal(size=(300, 16))
     points = np.asarray(x_T) + radius * dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
     ends = np.asarray(fmap(jnp.asarray(points, jnp.float32)))
     assert np.max(np.linalg.norm(ends - np.asarray(fmap(x_T)), axis=1)) <= rho_few[-1]
+
+
+def test_float64_engine_centres_its_balls_on_the_float64_trajectory():
+    """With a float64 engine the local balls are centred on the trajectory evaluated in float64, so a
+    step adds float64 rounding to the radius, not the float32 sampler's: at r = 1e-7 the certified
+    expansion stays within 1% of the product of the steps' exact Jacobian norms (the float32 centres
+    added ~1e-7 in l2 a step, doubling it), and points on the sphere, run in float64, stay inside."""
+    mix, schedule = mixture(2), sch.ddim_schedule(NOISE, 3)
+    x_T = jnp.array([[0.03, 0.4]], jnp.float32)
+    chain = L.make_chain(G.gmm_eps, mix, None, schedule, x_T)
+    centres = L.clean_trajectory(chain, float64=True)
+    assert all(c.dtype == np.float64 for c in centres)
+    np.testing.assert_allclose(np.concatenate(centres), np.concatenate([np.asarray(t) for t in L.clean_trajectory(chain)]),
+                               atol=1e-5)
+    radius = 1e-7
+    rho, _ = L.engine_chain(chain, radius, "local", "zonotope", precision="float64")
+    with jax.enable_x64(True):
+        step = jax.jit(chain.step)
+        k = [jnp.asarray(chain.inputs[i], jnp.float64) for i in range(chain.num_steps)]
+        norms = [float(np.linalg.norm(np.asarray(jax.jacfwd(lambda x: step(x, k[i]))(jnp.asarray(centres[i])))
+                                      .reshape(2, 2), 2)) for i in range(chain.num_steps)]
+        dirs = np.random.default_rng(4).normal(size=(64, 1, 2))
+        states = jnp.asarray(centres[0] + radius * dirs / np.linalg.norm(dirs, axis=-1, keepdims=True))
+        run = jax.jit(jax.vmap(chain.step, in_axes=(0, None)))
+        for i in range(chain.num_steps):
+            states = run(states, k[i])
+            assert np.max(np.linalg.norm(np.asarray(states) - centres[i + 1], axis=-1)) <= rho[i + 1]
+    assert rho[-1] / radius <= 1.01 * math.prod(norms), (rho[-1] / radius, norms)
+
+
+def test_reach_carries_the_affine_image_and_holds_sampled_trajectories():
+    """Reach with the zonotope carries each step's output as an AffineBall in the x_T ball's
+    coordinates: its radius follows the chain's own Jacobian (within 3% of the exact float64
+    norm at r = 1e-3, d = 16, T = 10), is no looser than local's product of steps, and every
+    trajectory from the sphere (and the attack's point), run in float64, stays inside at every step."""
+    d, radius = 16, 1e-3
+    mix, schedule = mixture(d), sch.ddim_schedule(NOISE, 10)
+    x_T = jnp.asarray(np.random.default_rng(2).normal(size=(1, d)) * 0.5, jnp.float32)
+    chain = L.make_chain(G.gmm_eps, mix, None, schedule, x_T)
+    compiled = {}
+    reach, _ = L.engine_chain(chain, radius, "reach", "zonotope", compiled=compiled, precision="float64")
+    assert set(compiled) == {"AffineBall"}
+    local, _ = L.engine_chain(chain, radius, "local", "zonotope", compiled=compiled, precision="float64")
+    centres = L.clean_trajectory(chain, float64=True)
+    f = L.chain_function(chain)
+    ratio = L.attack_ratio(L.attack_objective(f), x_T, f(x_T), radius, jax.random.PRNGKey(0))
+    with jax.enable_x64(True):
+        x0 = jnp.asarray(centres[0][0])
+        exact = float(np.linalg.norm(np.asarray(jax.jacfwd(G.ddim_map(mix, schedule))(x0)), 2))
+        dirs = np.random.default_rng(5).normal(size=(300, 1, d))
+        scales = np.concatenate([np.ones(200), np.random.default_rng(6).uniform(size=100)])[:, None, None]
+        states = jnp.asarray(centres[0] + radius * scales * dirs / np.linalg.norm(dirs, axis=-1, keepdims=True))
+        run = jax.jit(jax.vmap(chain.step, in_axes=(0, None)))
+        for i in range(chain.num_steps):
+            states = run(states, jnp.asarray(chain.inputs[i], jnp.float64))
+            assert np.max(np.linalg.norm(np.asarray(states) - centres[i + 1], axis=-1)) <= reach[i + 1]
+    assert ratio * radius <= reach[-1]
+    assert reach[-1] <= 1.03 * exact * radius, (reach[-1] / radius, exact)
+    assert reach[-1] <= local[-1]
 
 
 def test_step_map_with_inputs_matches_the_sampler():
