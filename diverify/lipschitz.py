@@ -608,8 +608,9 @@ def compile_step_bound(chain: Chain, in_set: Any, engine_method: str,
                        memory_limit: int | None = None, precision: str = PRECISION, l2: bool = False,
                        eager: bool = False, symbols: int | None = None, refine: str = "normalisers") -> StepBound:
     """Trace and compile the bound of the step map for sets like ``in_set``, in ``precision``
-    (``"float32"``, ``"float64"`` or ``"mixed"``, see the module docstring); with ``l2`` (an l2 ball and an
-    engine method of :data:`L2_METHODS`) also the output's affine form for :func:`l2_step_radius`.
+    (``"float32"``, ``"float64"`` or ``"mixed"``, see the module docstring); with ``l2`` (an l2 ball or an
+    :class:`~diverify.specs.AffineBall`, and an engine method of :data:`L2_METHODS`) also the output's
+    affine form for :func:`l2_step_radius`.
 
     XLA's own memory analysis of the compiled bound is checked against ``memory_limit``
     (default: the device's memory) before anything runs: a problem too large for the machine is a
