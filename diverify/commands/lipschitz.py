@@ -46,7 +46,7 @@ examples:
   diverify lipschitz --denoiser runs/digits --steps 10 --method global --json
   diverify lipschitz --denoiser gmm --gmm-dim 8 --steps 5 --method reach --radius 0.05 --distance 0.5
   diverify lipschitz --denoiser gmm --steps 25 --method reach --radius 0.01 --keep-decision
-  diverify lipschitz --denoiser runs/digits --steps 50 --method reach --engine-method zonotope --radius 1e-3
+  diverify lipschitz --denoiser runs/digits --steps 50 --method reach --radius 1e-5 --precision mixed --refine none
   diverify lipschitz --denoiser runs/digits --sampler ddpm --steps 25 --method global --plot lip.png
 """
 
