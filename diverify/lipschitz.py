@@ -477,14 +477,19 @@ def step_lipschitz(c: StepCoefficients, eps_x: float, eps_c: float | None = None
 # --------------------------------------------------------------------------- engine-based bounds
 
 
+def _up_to_float32(x):
+    """``x`` (float64, scalar or array) rounded up to float32 values: the smallest float32 >= x."""
+    x = np.asarray(x, np.float64)
+    x32 = x.astype(np.float32)
+    return np.where(x32 < x, np.nextafter(x32, np.float32(np.inf)), x32)
+
+
 def _box_radius(lo, hi, centre) -> float:
     """l2 distance from ``centre`` to the farthest point of the box [lo, hi], computed in float64 and
     rounded up to a float32 value (the ball built from it stores its radius in float32)."""
     lo, hi, centre = (np.asarray(v, np.float64) for v in (lo, hi, centre))
     # 1e-12 covers the float64 rounding of the norm (relative <= d * 1.1e-16) for d up to ~9000.
-    r = float(np.linalg.norm(np.maximum(hi - centre, centre - lo))) * (1 + 1e-12)
-    r32 = np.float32(r)
-    return float(r32 if float(r32) >= r else np.nextafter(r32, np.float32(np.inf)))
+    return float(_up_to_float32(float(np.linalg.norm(np.maximum(hi - centre, centre - lo))) * (1 + 1e-12)))
 
 
 def _available_bytes() -> int:
@@ -582,8 +587,7 @@ def l2_step_radius(sb: StepBound, in_set: Any, k: jax.Array, reference: Any) -> 
     if not math.isfinite(r):
         raise DiverifyError(f"the {sb.bound_function.method} bound of a step is not finite: the radius is too large "
                             "for this method")
-    r32 = np.float32(r)
-    return float(r32 if float(r32) >= r else np.nextafter(r32, np.float32(np.inf))), parts
+    return float(_up_to_float32(r)), parts
 
 
 def _image_set(parts: tuple, like: np.ndarray) -> Any:
@@ -597,9 +601,7 @@ def _image_set(parts: tuple, like: np.ndarray) -> Any:
     gens = np.asarray(m, np.float64).T.reshape((-1,) + like.shape)
     if like.dtype == np.float32:
         c32, g32 = centre.astype(np.float32), gens.astype(np.float32)
-        half = (half + np.abs(centre - c32) + np.sum(np.abs(gens - g32), axis=0)) * (1 + 1e-12)
-        h32 = half.astype(np.float32)
-        half = np.where(h32 < half, np.nextafter(h32, np.float32(np.inf)), h32)
+        half = _up_to_float32((half + np.abs(centre - c32) + np.sum(np.abs(gens - g32), axis=0)) * (1 + 1e-12))
         centre, gens = c32, g32
     return affine_ball(centre, gens, half)
 

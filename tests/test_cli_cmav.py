@@ -80,3 +80,11 @@ def test_certify_exhaustive_on_the_full_model_finds_the_substituted_concept_and_
     res = run(*base, "--positions", "5", "--eps", "1e-3")
     assert res.returncode == 2 and "an l_p ball is infinite" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_refine_choices_are_the_engine_scopes():
+    """The CLI spells ``--refine``'s choices out (light ``--help``); they must stay the engine's scopes."""
+    from diverify.bounds.backward import REFINE_SCOPES
+    from diverify.commands._cmav_args import REFINE_CHOICES
+
+    assert REFINE_CHOICES == list(REFINE_SCOPES)

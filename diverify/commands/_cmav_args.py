@@ -42,9 +42,14 @@ def add_symbols_option(parser: argparse.ArgumentParser) -> None:
                              "local chain: 2.2x the attack with 12288, 2.4x with 6144 at 30%% less time a step)")
 
 
-def add_refine_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--refine", default="normalisers", choices=["none", "normalisers", "attention", "all"],
-                        help="which intervals of the zonotope methods a backward CROWN pass tightens once symbols "
+#: ``--refine``'s choices: the engine's ``REFINE_SCOPES``, spelled out so that ``--help`` needs no engine import.
+REFINE_CHOICES = ["none", "normalisers", "attention", "all"]
+
+
+def add_refine_option(parser: argparse.ArgumentParser, help: str | None = None) -> None:
+    """``--refine`` (default normalisers), with the text encoders' help unless ``help`` is given."""
+    parser.add_argument("--refine", default="normalisers", choices=REFINE_CHOICES,
+                        help=help or "which intervals of the zonotope methods a backward CROWN pass tightens once symbols "
                              "have been boxed: none (the zonotope alone), normalisers (LayerNorm variances, softmax "
                              "denominators; the default) "
                              "or attention (also queries, keys, attention weights, values and the softmax's exp "

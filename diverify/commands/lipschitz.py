@@ -79,11 +79,10 @@ def register(subparsers) -> None:
                              "in float32, their rounding bounded: on the digits UNet ~1.5x faster than float64 a step "
                              "for 0.04%% of the bound)")
     common.add_symbols_option(parser)
-    parser.add_argument("--refine", default="normalisers", choices=["none", "normalisers", "attention", "all"],
-                        help="which intervals of the zonotope engine methods a backward CROWN pass tightens once "
-                             "symbols have been boxed (as in 'diverify bounds'; default normalisers: the GroupNorm "
-                             "variances); none: the zonotope alone, on the digits UNet at r = 1e-5 the same bound, "
-                             "compiled in ~45 s instead of ~64 s")
+    common.add_refine_option(parser, help="which intervals of the zonotope engine methods a backward CROWN pass "
+                                          "tightens once symbols have been boxed (as in 'diverify bounds'; default "
+                                          "normalisers: the GroupNorm variances); none: the zonotope alone, on the "
+                                          "digits UNet at r = 1e-5 the same bound, compiled in ~45 s instead of ~64 s")
     parser.add_argument("--label", type=int, default=0, help="class label for class-conditional models (default 0)")
     parser.add_argument("--gmm-dim", type=int, default=2, metavar="D", help="dimension of the gmm fixture (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of x_T and of the fixed noise (default 0)")
