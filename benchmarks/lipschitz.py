@@ -208,7 +208,7 @@ def main() -> None:
                                  refine=None if method == "global" else args.refine))
                 head = f"T={steps:>3} {method:>7} {engine_method:>14} r={radius:<7g}"
                 if row["error"]:
-                    print(f"{head} error: {row['error'][:110]}  ({row['seconds']:.1f} s)", flush=True)
+                    print(f"{head} error: {row['error'][:200]}  ({row['seconds']:.1f} s)", flush=True)
                 else:
                     compile_s = "" if row["compile_seconds"] is None else f", compile {row['compile_seconds']:.1f} s"
                     print(f"{head} certified 10^{row['log10_certified']:.2f}  empirical {row['empirical_lower']:.4g}  "

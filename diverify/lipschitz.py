@@ -705,16 +705,21 @@ def engine_chain(chain: Chain, radius: float, method: str, engine_method: str = 
             sb = compiled[kind] = compile_step_bound(chain, in_set, engine_method, precision=precision, l2=l2,
                                                      eager=eager, symbols=symbols, refine=refine)
         nxt = centres[i + 1]
-        if l2:
-            r2, parts = l2_step_radius(sb, in_set, chain.inputs[i], nxt)
-            lo, hi = parts[3], parts[4]
-            rho.append(min(r2, _box_radius(lo, hi, nxt)))
-            nxt_set = _image_set(parts, nxt) if method == "reach" else None
-        else:
-            out = sb(in_set, chain.inputs[i])
-            lo, hi = out.lower, out.upper
-            rho.append(_box_radius(lo, hi, nxt))
-            nxt_set = Box(lo, hi)
+        try:
+            if l2:
+                r2, parts = l2_step_radius(sb, in_set, chain.inputs[i], nxt)
+                lo, hi = parts[3], parts[4]
+                rho.append(min(r2, _box_radius(lo, hi, nxt)))
+                nxt_set = _image_set(parts, nxt) if method == "reach" else None
+            else:
+                out = sb(in_set, chain.inputs[i])
+                lo, hi = out.lower, out.upper
+                rho.append(_box_radius(lo, hi, nxt))
+                nxt_set = Box(lo, hi)
+        except DiverifyError as err:
+            # Which step, and how far the set had grown: the message names the node, not the step.
+            raise type(err)(f"step {i + 1} of {chain.num_steps}, whose input set lies within l2 distance "
+                            f"{rho[-1]:.3g} of the clean trajectory: {err}") from err
         widths.append(float(np.max(np.asarray(hi, np.float64) - np.asarray(lo, np.float64))) / 2)
         if progress is not None:
             progress()

@@ -238,6 +238,39 @@ def test_too_large_bound_problem_is_an_error_before_it_runs():
         L.compile_step_bound(chain, ball, "ibp", memory_limit=1)
 
 
+@pytest.mark.parametrize("engine", ["ibp", "zonotope"])
+def test_a_step_bound_that_fails_names_its_step_and_radius(engine, monkeypatch):
+    """A relaxation failing inside the chain (the engine's message names the node, e.g. a GroupNorm's
+    variance reaching 0) also says at which step and how far the input set had grown: on the digits
+    UNet the last steps fail first. The error keeps its type and chains the engine's."""
+    mix, schedule = mixture(2), sch.ddim_schedule(NOISE, 4)
+    chain = L.make_chain(G.gmm_eps, mix, None, schedule, jnp.array([[0.03, 0.4]]))
+    radius, compiled = 0.05, {}
+    rho, _ = L.engine_chain(chain, radius, "local", engine, compiled=compiled)
+    (bound,) = compiled.values()
+    calls = []
+
+    class Refused(DiverifyError):
+        pass
+
+    def failing(*args):  # the third step's relaxation leaves its domain
+        calls.append(args)
+        if len(calls) == 3:
+            raise Refused("cannot bound 'rsqrt' (from unet.py:72 (GroupNorm.__call__)): its input interval leaves")
+        return original(*args)
+
+    if engine == "zonotope":
+        original = L.l2_step_radius
+        monkeypatch.setattr(L, "l2_step_radius", failing)
+    else:
+        original = bound.__call__
+        monkeypatch.setattr(type(bound), "__call__", lambda self, *a: failing(*a))
+    with pytest.raises(Refused, match=rf"^step 3 of 4, whose input set lies within l2 distance {rho[2]:.3g} of "
+                                      r"the clean trajectory: cannot bound 'rsqrt' \(from unet.py:72") as err:
+        L.engine_chain(chain, radius, "local", engine, compiled=compiled)
+    assert isinstance(err.value.__cause__, Refused)
+
+
 def test_report_is_consistent_and_lower_bounds_stay_below():
     mix, schedule = mixture(3), sch.ddim_schedule(NOISE, 3)
     chain = L.make_chain(G.gmm_eps, mix, None, schedule, jnp.array([[0.01, -0.2, 0.5]]))
