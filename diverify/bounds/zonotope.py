@@ -47,11 +47,12 @@ cap (memory) that reduces anywhere. Measured on MiniLM, 2 layers, float64,
 1e-6: reducing wherever a value exceeded 6144 symbols gave 3.3x the
 linearised range of the output, at cuts only 1.06x, in half the time.
 
-One reduction is free and happens everywhere: a ``reduce_sum`` of a value's own
-fresh block (diagonal: each symbol moves one element) that no other live value
-carries boxes that block into one symbol per element of the sum
-(:func:`_box_exclusive`), e.g. a LayerNorm's or GroupNorm's variance keeps one
-symbol per token or group instead of one per squared element.
+Slack that only elementwise nodes read stays slack (:func:`slack_carriers`): a fresh block
+is made where the chain meets a node that mixes elements, and holds the errors of the whole
+chain in one block (the same set: generators along one element add up). A ``reduce_sum`` reader
+counts as elementwise there, since the sum of a slack is the box of its fresh block: a
+LayerNorm's or GroupNorm's variance gets one symbol per token or group instead of one per
+squared element.
 
 Elements whose interval is a single point (tokens the perturbation has not
 reached yet) are evaluated exactly instead of relaxed: no float32 padding
@@ -126,15 +127,13 @@ class Zonotope:
 @dataclasses.dataclass
 class _Blocks:
     """The symbol blocks of one propagation: shapes, input sets for input blocks,
-    its order-reduction budgets (``symbols`` kept; None: :data:`KEEP_SYMBOLS`), the
-    ``diagonal`` blocks (fresh blocks: symbol i moves element i of the value they were made for)
-    and whether a reduction has boxed symbols yet (``lossy``)."""
+    its order-reduction budgets (``symbols`` kept; None: :data:`KEEP_SYMBOLS`) and whether a
+    reduction has boxed symbols yet (``lossy``)."""
 
     shapes: dict
     sets: dict
     count: int = 0
     symbols: int | None = None
-    diagonal: set = dataclasses.field(default_factory=set)
     lossy: bool = False
     error_dtype: object = None
 
@@ -479,49 +478,15 @@ def _fresh(v: Zonotope, blocks: _Blocks, budget: int | None = None) -> Zonotope:
     if n > FRESH_LIMIT:
         return Zonotope(v.terms, v.offset, lo, hi, True, errors, ids)
     b = blocks.new(shape)
-    blocks.diagonal.add(b)
     radius = (hi - lo) / 2
     dtype = blocks.error_dtype or radius.dtype
     coef = radius if dtype == radius.dtype else _round_up(radius, dtype)
-    diag = (jnp.eye(n, dtype=dtype) * coef.reshape(-1)).reshape((n,) + shape)
+    # A scatter, not ``eye * coef``: XLA:CPU would fuse coef's whole computation into every
+    # element of the n x n block (the UNet's last step: 45 s instead of 0.1 s).
+    diag = jnp.zeros((n, n), dtype).at[jnp.arange(n), jnp.arange(n)].set(coef.reshape(-1)).reshape((n,) + shape)
     errors = diag if errors is None else jnp.concatenate([errors, diag])
     zero = jnp.zeros(shape, radius.dtype)
     return Zonotope(v.terms, v.offset + (lo + hi) / 2, zero, zero, False, errors, ids + (b,))
-
-
-def _box_exclusive(v: Zonotope, candidates: set, blocks: _Blocks) -> Zonotope:
-    """Box the error blocks ``candidates`` of ``v`` that have more symbols than ``v`` has
-    elements: their rows ``G`` (``k x n``, ``k > n``) become one fresh block ``diag(sum_k |G|)``
-    of ``n`` symbols (or the slack, above :data:`FRESH_LIMIT`).
-
-    Sound for any blocks, for the same reason as boxing in :func:`_reduce_errors`. The caller
-    passes the blocks for which it loses nothing: ones no other live value carries (no
-    correlation with another value to forget) and whose every symbol moves one element of
-    ``v`` only (a box is then the set itself): a ``reduce_sum`` of a value's own fresh
-    (diagonal) block. The case it is for: a normalisation's variance. The ``square`` of the
-    centred values makes one fresh symbol per element (MiniLM: 7 x 384 per LayerNorm; the
-    digits UNet: up to 8 x 8 x 64 per GroupNorm), the ``reduce_sum`` maps them to one variance
-    per token (group), and from there on they would be carried through every later layer and
-    count against the order-reduction budget, while 7 symbols (one per token) say the same.
-    """
-    if v.errors is None:
-        return v
-    shape = tuple(v.offset.shape)
-    n = math.prod(shape)
-    box = [b for b in v.error_blocks if b in candidates and math.prod(blocks.shapes[b]) > n]
-    if not box:
-        return v
-    errs = v.errors.reshape((-1, n))
-    keep_rows, box_rows, pos = [], [], 0
-    for b in v.error_blocks:
-        size = math.prod(blocks.shapes[b])
-        (box_rows if b in box else keep_rows).append(errs[pos:pos + size])
-        pos += size
-    boxed = jnp.concatenate(box_rows)
-    r = _boxed_radius(jnp.abs(boxed), boxed.shape[0], v.offset.dtype).reshape(shape)
-    kept_ids = tuple(b for b in v.error_blocks if b not in box)
-    kept = jnp.concatenate(keep_rows).reshape((-1,) + shape) if keep_rows else None
-    return _fresh(Zonotope(v.terms, v.offset, v.slack_lo - r, v.slack_hi + r, True, kept, kept_ids), blocks)
 
 
 def _on_simplex(v: Zonotope, axis: int, bounds, blocks: _Blocks) -> Zonotope:
@@ -586,6 +551,63 @@ def intervals_read(graph: Graph) -> set:
     return relaxed_inputs(graph) | simplex | {v for v in graph.outputs if not isinstance(v, Const)}
 
 
+#: Linear primitives that send each element of an operand to one element of the output (no
+#: mixing, no copies) when that operand has the output's size.
+ELEMENTWISE_LINEAR = frozenset({"add", "sub", "neg", "mul", "div", "convert_element_type", "reshape", "squeeze",
+                                "expand_dims", "transpose"})
+#: At most this many values in a row carry their slack (:func:`slack_carriers`).
+CARRY_CHAIN = 4
+
+
+def slack_carriers(graph: Graph) -> set:
+    """The values whose interval slack the zonotope leaves as slack instead of a fresh block.
+
+    A fresh block ``diag(r)`` and the slack ``[-r, r]`` are the same set; they differ in what later
+    nodes make of them. A value read by exactly one node that maps each of its elements to one
+    element of the output (a unary nonlinearity, an elementwise sum, difference or product with
+    another value, a scaling, a reshape or transpose; not a broadcast, which would copy a symbol)
+    passes the slack on as the slack of that element, scaled by the node's coefficient or slope:
+    as a fresh block it would have become a generator along the same element, and two generators
+    along one element ``a e_1 + b e_2`` with ``e_i`` in ``[-1, 1]`` are exactly one of radius
+    ``|a| + |b|`` (no other value carries the first: the value has no other reader). So the
+    next fresh block, where the chain meets a node that mixes elements, holds both, and the
+    bound is the same with one block of rows fewer (tiny-bert: each pairwise softmax's clip
+    and ``exp`` blocks, 2 x 2048 rows, become none, the sum over keys takes their slack;
+    the UNet: the GroupNorm product's block and the SiLU's after it become one).
+
+    At most :data:`CARRY_CHAIN` values in a row carry their slack: each carried node's slack and
+    lines are elementwise expressions of the previous one's, and XLA:CPU fuses a long chain of
+    them into the next fresh block's computation, where it is evaluated far more often than
+    once (the digits UNet's last 12 nodes, the DDIM update's clip: 45 s a step instead of
+    0.1 s). Measured (2 CPU cores): chains of 4: tiny-bert 0.33 -> 0.155 s, the UNet's step 6.2 ->
+    5.7 s; of 6: 0.11 s and 7.4 s; unbounded: 0.105 s and 53 s.
+    """
+    readers: dict = {}
+    for idx, node in enumerate(graph.nodes):
+        for pos, v in enumerate(node.inputs):
+            if not isinstance(v, Const):
+                readers.setdefault(v, []).append((idx, pos))
+    outputs = {v for v in graph.outputs if not isinstance(v, Const)}
+    carried: dict = {}  # value -> how many carried values lead to it, itself included
+    for producer in graph.nodes:
+        depth = 1 + max((carried.get(v, 0) for v in producer.inputs if not isinstance(v, Const)), default=0)
+        if depth > CARRY_CHAIN:
+            continue
+        for v in producer.outputs:
+            uses = readers.get(v, [])
+            if v in outputs or len(uses) != 1:
+                continue
+            idx, pos = uses[0]
+            node = graph.nodes[idx]
+            k = kind(node)
+            size = math.prod(node.in_avals[pos].shape)
+            same = size == math.prod(node.out_avals[0].shape) and len(node.outputs) == 1
+            if (k == "unary" or (k == "product" and same) or node.name == "reduce_sum"
+                    or (k == "linear" and node.name in ELEMENTWISE_LINEAR and same)):
+                carried[v] = depth
+    return set(carried)
+
+
 def propagate(graph: Graph, input_sets, fresh_errors: bool = True, refine=None, output_forms: bool = False,
               lines=None, symbols: int | None = None, error_dtype=None):
     """Bounds of every value: returns (intervals id -> (l, u), domain flags).
@@ -611,6 +633,7 @@ def propagate(graph: Graph, input_sets, fresh_errors: bool = True, refine=None, 
     """
     blocks = _Blocks({}, {}, symbols=symbols, error_dtype=error_dtype)
     read = intervals_read(graph)
+    carried = slack_carriers(graph) if fresh_errors else set()
     forms: dict = {}
     env: dict = {}
     last_use = _last_uses(graph)
@@ -624,7 +647,6 @@ def propagate(graph: Graph, input_sets, fresh_errors: bool = True, refine=None, 
         forms[vid] = Zonotope({b: eye}, zero, zero, zero, False)
         env[vid] = s.interval()
     flags = []
-    own: dict = {}  # value id -> its fresh (diagonal) error blocks, made when it was computed
     for idx, node in enumerate(graph.nodes):
         ins_iv = [v if isinstance(v, Const) else env[v] for v in node.inputs]
         outs_iv, ok = node_interval(node, ins_iv)
@@ -651,20 +673,15 @@ def propagate(graph: Graph, input_sets, fresh_errors: bool = True, refine=None, 
                 live.discard(v)
                 forms.pop(v, None)
         live.update(vid for vid in node.outputs if last_use.get(vid, -1) > idx)
-        made_before = blocks.count
         for vid, form, iv in zip(node.outputs, outs, outs_iv):
-            if fresh_errors and node.name == "reduce_sum" and own.get(node.inputs[0]):
-                shared = set().union(*(forms[w].error_blocks for w in live if w in forms and w != vid))
-                form = _box_exclusive(form, own[node.inputs[0]] - shared, blocks)
             # A cut: every other live value carries input symbols only.
             quiet = {w for w in live if w in forms and not _error_symbols(forms[w])}
             cut = fresh_errors and live <= {vid} | quiet
             if cut and _error_symbols(form) > blocks.cut:
                 form = _fresh(form, blocks, blocks.cut)
-            elif fresh_errors and (form.has_slack or _error_symbols(form) > blocks.cap):
+            elif fresh_errors and ((form.has_slack and vid not in carried) or _error_symbols(form) > blocks.cap):
                 form = _fresh(form, blocks)
             forms[vid] = form
-            own[vid] = {b for b in form.error_blocks if b >= made_before and b in blocks.diagonal}
             if vid not in read:  # no relaxation reads it; an overflow (NaN) means unbounded
                 env[vid] = (jnp.where(jnp.isnan(iv[0]), -jnp.inf, iv[0]), jnp.where(jnp.isnan(iv[1]), jnp.inf, iv[1]))
                 continue
