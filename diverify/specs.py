@@ -230,6 +230,43 @@ class Substitution:
         return _sum_rows(a * fixed) + _sum_rows(best)
 
 
+def linear_range(input_set, terms: Array) -> tuple[Array, Array]:
+    """``(min, max)`` over ``x`` in ``input_set`` of ``<terms[..., k], x>`` for every index ``k`` of
+    ``terms``' trailing axes (``terms``: shape ``center.shape + out_shape``; returns two arrays of
+    ``out_shape``).
+
+    The numbers :meth:`minimize_linear` gives for the rows ``terms`` moved to the front, computed
+    in ``terms``' own layout for a :class:`Box` and an :class:`LpBall`: contractions over the set's
+    axes instead of a transpose of every term (tiny-BERT's zonotope bound: 40 ms of 115 ms were
+    those transposes). A box: ``min = <lower, a^+> + <upper, a^->`` (and its mirror), exact; an
+    l_p ball: ``<a, center> -+ eps sum ||(a * mask)_slice||_q``, Hoelder's bound per slice, exact.
+    Other sets move the rows to the front and call :meth:`minimize_linear`.
+    """
+    n = jnp.ndim(input_set.center)
+    out = terms.shape[n:]
+
+    def contract(x, t):
+        return jnp.tensordot(x, t, axes=n, precision=HIGHEST)
+
+    if isinstance(input_set, Box):
+        pos, neg = jnp.maximum(terms, 0), jnp.minimum(terms, 0)
+        return (contract(input_set.lower, pos) + contract(input_set.upper, neg),
+                contract(input_set.upper, pos) + contract(input_set.lower, neg))
+    if isinstance(input_set, LpBall):
+        centre = contract(input_set.center, terms)
+        q = _DUAL[float(input_set.p)]
+        if q == 1.0:
+            dual = contract(jnp.broadcast_to(input_set.mask, input_set.center.shape), jnp.abs(terms))
+        else:
+            masked = terms * jnp.reshape(input_set.mask, jnp.shape(input_set.mask) + (1,) * len(out))
+            per_slice = (jnp.sqrt(jnp.sum(masked * masked, axis=n - 1)) if q == 2.0
+                         else jnp.max(jnp.abs(masked), axis=n - 1))
+            dual = jnp.sum(per_slice, axis=tuple(range(n - 1)))
+        return centre - input_set.eps * dual, centre + input_set.eps * dual
+    rows = jnp.moveaxis(terms.reshape(tuple(input_set.center.shape) + (-1,)), -1, 0)
+    return input_set.minimize_linear(rows).reshape(out), -input_set.minimize_linear(-rows).reshape(out)
+
+
 def substitution(base, positions, candidates) -> Substitution:
     """Build a :class:`Substitution`, checking shapes and emptiness."""
     base = jnp.asarray(base, jnp.float32)

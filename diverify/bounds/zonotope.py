@@ -93,7 +93,7 @@ from diverify.bounds.graph import Const, Graph, Node
 from diverify.bounds.interval import intersect, node_interval
 from diverify.bounds.ops import kind, linear_part, linear_radius, relaxed_inputs, rounding_count
 from diverify.bounds.synthetic import simplex_weights
-from diverify.specs import AffineBall, Box, LpBall
+from diverify.specs import AffineBall, Box, LpBall, linear_range
 
 #: Nodes of at most this many elements turn their slack into fresh error symbols at once.
 FRESH_LIMIT = 4096
@@ -165,12 +165,8 @@ def concretise(v: Zonotope, blocks: _Blocks):
         r = _error_radius(v)
         lo, hi = lo - r, hi + r
     for b, t in v.terms.items():
-        shape = blocks.shapes[b]
-        vshape = t.shape[len(shape):]
-        s = blocks.sets[b]
-        rows = jnp.moveaxis(t.reshape(shape + (-1,)), -1, 0)
-        lo = lo + s.minimize_linear(rows).reshape(vshape)
-        hi = hi - s.minimize_linear(-rows).reshape(vshape)
+        t_lo, t_hi = linear_range(blocks.sets[b], t)
+        lo, hi = lo + t_lo, hi + t_hi
     return lo, hi
 
 
@@ -555,7 +551,7 @@ def intervals_read(graph: Graph) -> set:
 #: mixing, no copies) when that operand has the output's size.
 ELEMENTWISE_LINEAR = frozenset({"add", "sub", "neg", "mul", "div", "convert_element_type", "reshape", "squeeze",
                                 "expand_dims", "transpose"})
-#: At most this many values in a row carry their slack (:func:`slack_carriers`).
+#: At most this many values with slack in a row carry it (:func:`slack_carriers`).
 CARRY_CHAIN = 4
 
 
@@ -577,12 +573,17 @@ def slack_carriers(graph: Graph) -> set:
     meet fewer rows, so a bound that reaches them can move either way (stop 27: MiniLM, 6 layers,
     1e-5, 3.44x -> 3.09x the true range; the digits UNet's 50-step reach 1.034x -> 1.077x).
 
-    At most :data:`CARRY_CHAIN` values in a row carry their slack: each carried node's slack and
-    lines are elementwise expressions of the previous one's, and XLA:CPU fuses a long chain of
-    them into the next fresh block's computation, where it is evaluated far more often than
-    once (the digits UNet's last 12 nodes, the DDIM update's clip: 45 s a step instead of
-    0.1 s). Measured (2 CPU cores): chains of 4: tiny-bert 0.33 -> 0.155 s, the UNet's step 6.2 ->
-    5.7 s; of 6: 0.11 s and 7.4 s; unbounded: 0.105 s and 53 s.
+    At most :data:`CARRY_CHAIN` values in a row carry their slack (:func:`propagate` counts only
+    values that have slack, so a chain starts at the first relaxation, not at the first
+    elementwise node): each carried node's slack and lines are elementwise expressions of the
+    previous one's, and XLA:CPU fuses a long chain of them into the next fresh block's
+    computation, where it is evaluated far more often than once (the digits UNet's last 12 nodes,
+    the DDIM update's clip: 45 s a step instead of 0.1 s). Measured (2 CPU cores): chains of 4
+    counting every value: tiny-bert 0.33 -> 0.155 s, the UNet's step 6.2 -> 5.7 s; of 6: 0.11 s and
+    7.4 s; unbounded: 0.105 s and 53 s. Counting only values with slack (stop 28), the pairwise
+    softmax's ``exp`` passes its slack to the sum over keys (its chain used to start at the
+    slack-free differences): tiny-bert 0.165 -> 0.115 s with 6800 instead of 10384 error symbols at
+    the output and the same width; the UNet's step unchanged (5.7 s).
     """
     readers: dict = {}
     for idx, node in enumerate(graph.nodes):
@@ -590,24 +591,18 @@ def slack_carriers(graph: Graph) -> set:
             if not isinstance(v, Const):
                 readers.setdefault(v, []).append((idx, pos))
     outputs = {v for v in graph.outputs if not isinstance(v, Const)}
-    carried: dict = {}  # value -> how many carried values lead to it, itself included
-    for producer in graph.nodes:
-        depth = 1 + max((carried.get(v, 0) for v in producer.inputs if not isinstance(v, Const)), default=0)
-        if depth > CARRY_CHAIN:
+    carriers = set()
+    for v, uses in readers.items():
+        if v in outputs or len(uses) != 1:
             continue
-        for v in producer.outputs:
-            uses = readers.get(v, [])
-            if v in outputs or len(uses) != 1:
-                continue
-            idx, pos = uses[0]
-            node = graph.nodes[idx]
-            k = kind(node)
-            size = math.prod(node.in_avals[pos].shape)
-            same = size == math.prod(node.out_avals[0].shape) and len(node.outputs) == 1
-            if (k == "unary" or (k == "product" and same) or node.name == "reduce_sum"
-                    or (k == "linear" and node.name in ELEMENTWISE_LINEAR and same)):
-                carried[v] = depth
-    return set(carried)
+        idx, pos = uses[0]
+        node = graph.nodes[idx]
+        k = kind(node)
+        same = math.prod(node.in_avals[pos].shape) == math.prod(node.out_avals[0].shape) and len(node.outputs) == 1
+        if (k == "unary" or (k == "product" and same) or node.name == "reduce_sum"
+                or (k == "linear" and node.name in ELEMENTWISE_LINEAR and same)):
+            carriers.add(v)
+    return carriers
 
 
 def propagate(graph: Graph, input_sets, fresh_errors: bool = True, refine=None, output_forms: bool = False,
@@ -635,7 +630,8 @@ def propagate(graph: Graph, input_sets, fresh_errors: bool = True, refine=None, 
     """
     blocks = _Blocks({}, {}, symbols=symbols, error_dtype=error_dtype)
     read = intervals_read(graph)
-    carried = slack_carriers(graph) if fresh_errors else set()
+    carriers = slack_carriers(graph) if fresh_errors else set()
+    chain: dict = {}  # value -> how many values in a row up to it carry their slack
     forms: dict = {}
     env: dict = {}
     last_use = _last_uses(graph)
@@ -675,14 +671,18 @@ def propagate(graph: Graph, input_sets, fresh_errors: bool = True, refine=None, 
                 live.discard(v)
                 forms.pop(v, None)
         live.update(vid for vid in node.outputs if last_use.get(vid, -1) > idx)
+        depth = 1 + max((chain.get(v, 0) for v in node.inputs if not isinstance(v, Const)), default=0)
         for vid, form, iv in zip(node.outputs, outs, outs_iv):
             # A cut: every other live value carries input symbols only.
             quiet = {w for w in live if w in forms and not _error_symbols(forms[w])}
             cut = fresh_errors and live <= {vid} | quiet
+            carry = vid in carriers and depth <= CARRY_CHAIN
             if cut and _error_symbols(form) > blocks.cut:
                 form = _fresh(form, blocks, blocks.cut)
-            elif fresh_errors and ((form.has_slack and vid not in carried) or _error_symbols(form) > blocks.cap):
+            elif fresh_errors and ((form.has_slack and not carry) or _error_symbols(form) > blocks.cap):
                 form = _fresh(form, blocks)
+            if form.has_slack:
+                chain[vid] = depth
             forms[vid] = form
             if vid not in read:  # no relaxation reads it; an overflow (NaN) means unbounded
                 env[vid] = (jnp.where(jnp.isnan(iv[0]), -jnp.inf, iv[0]), jnp.where(jnp.isnan(iv[1]), jnp.inf, iv[1]))

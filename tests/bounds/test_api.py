@@ -165,3 +165,40 @@ def test_sharded_batch_matches_unsharded_on_8_cpu_devices():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-2000:]
+
+
+def test_linear_range_in_the_terms_layout_matches_minimize_linear_and_holds_sampled_points():
+    """``linear_range(s, T)`` (terms of shape ``center.shape + out``, contracted in place) gives
+    the numbers of ``minimize_linear`` on the rows moved to the front, for boxes, l_1 / l_2 / l_inf
+    balls with a mask that leaves a slice fixed, a substitution set and an affine ball; and every
+    sampled point of the set maps inside them."""
+    from diverify.specs import linear_range
+
+    k = jax.random.split(jax.random.PRNGKey(31), 6)
+    centre = jax.random.normal(k[0], (2, 3, 4))
+    mask = jnp.asarray([1.0, 0.0, 1.0]).reshape(1, 3, 1)
+    sets = [Box(centre - 0.2, centre + 0.3 * jnp.abs(jax.random.normal(k[1], centre.shape)))]
+    sets += [lp_ball(centre, 0.25, p=p, mask=mask) for p in (1, 2, np.inf)]
+    sets += [substitution(centre[0], [0, 2], np.asarray(jax.random.normal(k[2], (2, 3, 4)))),
+             affine_ball(centre, 0.2 * jax.random.normal(k[3], (5,) + centre.shape), 0.1 * jnp.ones(centre.shape))]
+    rng = np.random.default_rng(3)
+    for s in sets:
+        shape = tuple(s.center.shape)
+        terms = jax.random.normal(k[4], shape + (2, 5))
+        lo, hi = linear_range(s, terms)
+        rows = jnp.moveaxis(terms.reshape(shape + (10,)), -1, 0)
+        np.testing.assert_allclose(np.asarray(lo).reshape(10), np.asarray(s.minimize_linear(rows)), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(hi).reshape(10), -np.asarray(s.minimize_linear(-rows)), rtol=1e-5,
+                                   atol=1e-5)
+        if isinstance(s, LpBall):  # points of the ball (its surface included), pushed out along the mask
+            d = rng.normal(size=(64,) + shape)
+            norm = np.linalg.norm(d, ord=float(s.p), axis=-1, keepdims=True)
+            d = d / norm * rng.uniform(0.5, 1.0, size=(64,) + shape[:-1] + (1,)) * 0.25 * np.asarray(s.mask)
+            pts = np.asarray(s.center) + d
+        elif isinstance(s, Box):
+            pts = rng.uniform(np.asarray(s.lower), np.asarray(s.upper), size=(64,) + shape)
+        else:
+            continue
+        ys = pts.reshape(64, -1) @ np.asarray(terms, np.float64).reshape(-1, 10)
+        assert np.all(ys >= np.asarray(lo).reshape(10) - 1e-4), type(s).__name__
+        assert np.all(ys <= np.asarray(hi).reshape(10) + 1e-4), type(s).__name__
