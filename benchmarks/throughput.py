@@ -98,7 +98,7 @@ def main(argv=None):
     bf = compile_bounds(fn, ball, method=args.method)
 
     def one(center):
-        res = bf.unchecked(LpBall(center, eps, ball.mask, ball.p))
+        res = bf.unchecked(LpBall(center, eps, ball.mask, ball.p, ball.support))
         return res.output.upper, res.output.lower, res.domain_ok
 
     run = jax.jit(jax.vmap(one))

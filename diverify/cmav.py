@@ -126,7 +126,7 @@ def embedding_ball(encoder, prompt: Prompt, positions: Sequence[int], eps: float
     we = encoder.word_embeddings(jnp.asarray(prompt.ids))
     mask = np.zeros(we.shape[:-1] + (1,), np.float32)
     mask[:, positions] = 1.0
-    return lp_ball(we, eps, p=norm, mask=mask)
+    return lp_ball(we, eps, p=norm, mask=mask, support=positions)
 
 
 def substitution_set(encoder, prompt: Prompt, substitutions: dict[int, Sequence[int]]) -> tuple[Substitution, list]:
@@ -199,10 +199,10 @@ def pgd_attack(fn, steps: int = 50, restarts: int = 4):
     @jax.jit
     def attack(ball: LpBall, key):
         n_out = jax.eval_shape(fn, ball.center).shape[0]
-        radius = ball.eps * ball.mask
+        radius = ball.eps * ball.active_mask
 
         def project(x):
-            d = (x - ball.center) * ball.mask
+            d = (x - ball.center) * ball.active_mask
             if ball.p == np.inf:
                 d = jnp.clip(d, -radius, radius)
             else:
@@ -224,8 +224,8 @@ def pgd_attack(fn, steps: int = 50, restarts: int = 4):
                 if ball.p == np.inf:
                     direction = jnp.sign(g)
                 else:
-                    direction = g / jnp.maximum(jnp.linalg.norm(g * ball.mask, axis=-1, keepdims=True), 1e-30)
-                x = project(x + step * direction * ball.mask)
+                    direction = g / jnp.maximum(jnp.linalg.norm(g * ball.active_mask, axis=-1, keepdims=True), 1e-30)
+                x = project(x + step * direction * ball.active_mask)
                 val = fn(x)[k]
                 better = val > best
                 return x, jnp.where(better, x, best_x), jnp.where(better, val, best)

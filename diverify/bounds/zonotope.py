@@ -87,6 +87,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diverify.bounds import elementwise
 from diverify.bounds.graph import Const, Graph, Node
@@ -525,6 +526,27 @@ def _on_simplex(v: Zonotope, axis: int, bounds, blocks: _Blocks) -> Zonotope:
                                slack_lo=centre - radius, slack_hi=centre + radius)
 
 
+def _input_form(s, dtype, blocks: _Blocks) -> Zonotope:
+    """The form of a graph input ``x`` in the set ``s``: ``x`` itself, one symbol per element
+    (``offset 0``, identity terms); for an :class:`~diverify.specs.LpBall` with a ``support``,
+    ``x = center + E delta_S`` with symbols for the support's slices only (``E`` puts them in
+    place; the other slices of ``delta`` are 0 by the set's definition) and ``delta_S`` in the
+    l_p ball of those slices: the same set with fewer input symbols."""
+    shape = tuple(s.center.shape)
+    zero = jnp.zeros(shape, dtype)
+    if isinstance(s, LpBall) and s.support is not None:
+        support = np.asarray(s.support)
+        slices, width = math.prod(shape[:-1]), shape[-1]
+        mask = jnp.broadcast_to(s.active_mask, jnp.broadcast_shapes(jnp.shape(s.active_mask), shape[:-1] + (1,)))
+        part = LpBall(jnp.zeros((len(support), width), dtype), s.eps, mask.reshape(slices, -1)[support], s.p)
+        b = blocks.new((len(support), width), part)
+        eye = jnp.eye(slices * width, dtype=dtype).reshape(slices, width, slices * width)[support]
+        return Zonotope({b: eye.reshape((len(support), width) + shape)}, jnp.asarray(s.center, dtype), zero, zero,
+                        False)
+    b = blocks.new(shape, s)
+    return Zonotope({b: jnp.eye(s.center.size, dtype=dtype).reshape(shape + shape)}, zero, zero, zero, False)
+
+
 def _last_uses(graph: Graph) -> dict:
     """Value id -> index of the last node that reads it (``len(nodes)`` for outputs)."""
     last = {}
@@ -637,12 +659,7 @@ def propagate(graph: Graph, input_sets, fresh_errors: bool = True, refine=None, 
     last_use = _last_uses(graph)
     live = set(graph.inputs)
     for vid, s in zip(graph.inputs, input_sets):
-        shape = tuple(s.center.shape)
-        b = blocks.new(shape, s)
-        dtype = graph.avals[vid].dtype
-        eye = jnp.eye(s.center.size, dtype=dtype).reshape(shape + shape)
-        zero = jnp.zeros(shape, dtype)
-        forms[vid] = Zonotope({b: eye}, zero, zero, zero, False)
+        forms[vid] = _input_form(s, graph.avals[vid].dtype, blocks)
         env[vid] = s.interval()
     flags = []
     for idx, node in enumerate(graph.nodes):
@@ -721,7 +738,7 @@ def l2_parts(v: Zonotope, blocks: _Blocks):
         s = blocks.sets[b]
         if isinstance(s, LpBall) and float(s.p) == 2.0 and math.prod(s.center.shape[:-1]) == 1:
             centre = centre + jnp.matmul(s.center.reshape(-1), rows, precision=jax.lax.Precision.HIGHEST)
-            mats.append(jnp.transpose(rows * (s.mask.reshape(-1, 1) * s.eps)))
+            mats.append(jnp.transpose(rows * (s.active_mask.reshape(-1, 1) * s.eps)))
         elif isinstance(s, Box):
             mid, rad = ((s.upper + s.lower) / 2).reshape(-1), ((s.upper - s.lower) / 2).reshape(-1)
             centre = centre + jnp.matmul(mid, rows, precision=jax.lax.Precision.HIGHEST)

@@ -18,7 +18,7 @@ from diverify.specs import Box, Substitution
 def _project(s, x):
     if isinstance(s, Box):
         return jnp.clip(x, s.lower, s.upper)
-    d = (x - s.center) * s.mask
+    d = (x - s.center) * s.active_mask
     if s.p == np.inf:
         return s.center + jnp.clip(d, -s.eps, s.eps)
     if s.p == 2.0:

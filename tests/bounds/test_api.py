@@ -202,3 +202,41 @@ def test_linear_range_in_the_terms_layout_matches_minimize_linear_and_holds_samp
         ys = pts.reshape(64, -1) @ np.asarray(terms, np.float64).reshape(-1, 10)
         assert np.all(ys >= np.asarray(lo).reshape(10) - 1e-4), type(s).__name__
         assert np.all(ys <= np.asarray(hi).reshape(10) + 1e-4), type(s).__name__
+
+
+def test_a_ball_with_a_support_is_the_masked_ball_with_input_symbols_for_its_slices_only():
+    """``LpBall.support`` (static): the slices outside it never move, whatever the mask says there
+    (interval, concretisation, the engine); ``lp_ball`` folds it into the mask and checks it. Every
+    method bounds the supported ball as the same ball without a support (mask only), the
+    zonotope with one input block of the support's shape, and the bounds hold sampled points."""
+    from diverify.bounds import backward
+
+    k = jax.random.split(jax.random.PRNGKey(41), 3)
+    centre = jax.random.normal(k[0], (1, 4, 3))
+    w1, w2 = jax.random.normal(k[1], (3, 5)), jax.random.normal(k[2], (5, 2))
+
+    def fn(x):  # mixes the tokens (a mean), then a tanh layer per token
+        h = jnp.tanh((x + jnp.mean(x, axis=1, keepdims=True)) @ w1)
+        return (h @ w2).reshape(-1)
+
+    loose = LpBall(centre, jnp.float32(0.1), jnp.ones((1, 4, 1)), np.inf, (1, 3))  # mask 1 everywhere
+    lo, hi = loose.interval()
+    assert np.all(np.asarray(hi - lo)[0, [0, 2]] == 0) and np.all(np.asarray(hi - lo)[0, [1, 3]] > 0)
+    for p in (np.inf, 2, 1):
+        masked = lp_ball(centre, 0.1, p=p, mask=np.asarray([0, 1, 0, 1.0]).reshape(1, 4, 1))
+        supported = lp_ball(centre, 0.1, p=p, support=[3, 1])
+        assert supported.support == (1, 3)
+        np.testing.assert_array_equal(np.asarray(supported.mask), np.asarray(masked.mask))
+        for method in ("ibp", "crown", "zonotope", "crown-zonotope"):
+            a, b = bound(fn, masked, method=method).output, bound(fn, supported, method=method).output
+            np.testing.assert_allclose(np.asarray(b.lower), np.asarray(a.lower), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(np.asarray(b.upper), np.asarray(a.upper), rtol=1e-5, atol=1e-6)
+            check_sound(fn, supported, b, jax.random.PRNGKey(42), n=128, attack_directions=2)
+        graph = compile_bounds(fn, supported, method="zonotope").graph
+        _, _, _, blocks = backward.forward_forms(graph, [supported], "zonotope", output_forms=True)
+        _, _, _, full = backward.forward_forms(graph, [masked], "zonotope", output_forms=True)
+        assert blocks.shapes[0] == (2, 3) and full.shapes[0] == (1, 4, 3)
+    with pytest.raises(DiverifyError, match="support must list distinct slices in 0..3"):
+        lp_ball(centre, 0.1, support=[4])
+    with pytest.raises(DiverifyError, match="support must list"):
+        check_set(LpBall(centre, jnp.float32(0.1), jnp.ones((1, 4, 1)), np.inf, (0, 7)))
