@@ -23,6 +23,11 @@ method         final bound                            intermediate bounds
 ``alpha-crown``CROWN with optimised relaxation slopes CROWN
 =============  =====================================  ======================
 
+The zonotope's normaliser intervals (variances, softmax denominators) are tightened by CROWN
+passes (``refine=``): in ``crown-zonotope`` from the first node on, in ``zonotope`` once an
+order reduction has boxed error symbols (the fast method: tiny-bert compiles in 6.7 s instead
+of 12.6 s; MiniLM's first layer at 1e-3 is 69x the true range that way instead of 21x).
+
 Precision. ``precision="float32"`` (the default) computes the bounds in the
 function's own float32 and pads every relaxation for float32 rounding.
 ``precision="float64"`` traces and bounds the function in float64 (inputs and
@@ -239,7 +244,8 @@ def _optimise_alphas(graph, out, a0, env, sets, steps: int, lr: float):
 
 def _run(graph: Graph, method: str, spec, alpha_steps: int, alpha_lr: float, sets, symbols: int | None = None,
          errors=None, refine: str = "normalisers"):
-    env, flags = backward.intermediate_bounds(graph, sets, INTERMEDIATE[method], symbols, errors, refine)
+    env, flags = backward.intermediate_bounds(graph, sets, INTERMEDIATE[method], symbols, errors, refine,
+                                              refine_early=method == "crown-zonotope")
     outputs = []
     for o in graph.outputs:
         if isinstance(o, Const):

@@ -298,9 +298,10 @@ def refined_by_crown(graph: Graph, scope: str = "normalisers") -> set[int]:
 
 
 def forward_forms(graph: Graph, input_sets, method: str, output_forms: bool = False, symbols: int | None = None,
-                  error_dtype=None, refine: str = "normalisers"):
+                  error_dtype=None, refine: str = "normalisers", refine_early: bool = False):
     """:func:`diverify.bounds.zonotope.propagate` for ``method`` ``"forward"`` or ``"zonotope"``, the
-    latter with the intervals :func:`refined_by_crown` selects for ``refine`` tightened by CROWN;
+    latter with the intervals :func:`refined_by_crown` selects for ``refine`` tightened by CROWN
+    (from the first node with ``refine_early``, else once an order reduction has boxed symbols);
     ``output_forms``, ``symbols`` (the zonotope's order-reduction budget) and ``error_dtype`` as there."""
     refine_fn = None
     cache: dict = {}
@@ -313,12 +314,12 @@ def forward_forms(graph: Graph, input_sets, method: str, output_forms: bool = Fa
             return crown_interval(graph, vid, env, input_sets, idx, chunk=REFINE_CHUNK, cache=cache)
 
     return zonotope.propagate(graph, input_sets, fresh_errors=method == "zonotope", refine=refine_fn,
-                              output_forms=output_forms, symbols=symbols, error_dtype=error_dtype,
+                              refine_early=refine_early, output_forms=output_forms, symbols=symbols, error_dtype=error_dtype,
                               lines=lambda node, env: relaxation(node, env, cache=cache))
 
 
 def intermediate_bounds(graph: Graph, input_sets, method: str = "crown", symbols: int | None = None, error_dtype=None,
-                        refine: str = "normalisers"):
+                        refine: str = "normalisers", refine_early: bool = False):
     """Intervals of every value (dict id -> (l, u)) and the per-node domain flags.
 
     Nodes are visited in order; each value gets its IBP interval computed from
@@ -332,10 +333,12 @@ def intermediate_bounds(graph: Graph, input_sets, method: str = "crown", symbols
     the normalisation variances tightened by CROWN (:func:`refined_by_crown`;
     ``symbols``: the zonotope's order-reduction budget, ``error_dtype``: the float type of its
     error coefficients, see :func:`diverify.bounds.zonotope.propagate`; ``refine``: which of its
-    intervals CROWN tightens, :func:`refined_by_crown`).
+    intervals CROWN tightens, :func:`refined_by_crown`, and ``refine_early``: from the first node on,
+    see :func:`forward_forms`).
     """
     if method in ("forward", "zonotope"):
-        return forward_forms(graph, input_sets, method, symbols=symbols, error_dtype=error_dtype, refine=refine)
+        return forward_forms(graph, input_sets, method, symbols=symbols, error_dtype=error_dtype, refine=refine,
+                             refine_early=refine_early)
     env = dict(zip(graph.inputs, [s.interval() for s in input_sets]))
     needed = relaxed_inputs(graph) if method == "crown" else set()
     cache: dict = {}
