@@ -314,8 +314,8 @@ def forward_forms(graph: Graph, input_sets, method: str, output_forms: bool = Fa
             return crown_interval(graph, vid, env, input_sets, idx, chunk=REFINE_CHUNK, cache=cache)
 
     return zonotope.propagate(graph, input_sets, fresh_errors=method == "zonotope", refine=refine_fn,
-                              refine_early=refine_early, output_forms=output_forms, symbols=symbols, error_dtype=error_dtype,
-                              lines=lambda node, env: relaxation(node, env, cache=cache))
+                              refine_early=refine_early, output_forms=output_forms, symbols=symbols,
+                              error_dtype=error_dtype, lines=lambda node, env: relaxation(node, env, cache=cache))
 
 
 def intermediate_bounds(graph: Graph, input_sets, method: str = "crown", symbols: int | None = None, error_dtype=None,

@@ -187,7 +187,8 @@ def test_linear_range_in_the_terms_layout_matches_minimize_linear_and_holds_samp
         terms = jax.random.normal(k[4], shape + (2, 5))
         lo, hi = linear_range(s, terms)
         rows = jnp.moveaxis(terms.reshape(shape + (10,)), -1, 0)
-        np.testing.assert_allclose(np.asarray(lo).reshape(10), np.asarray(s.minimize_linear(rows)), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(lo).reshape(10), np.asarray(s.minimize_linear(rows)), rtol=1e-5,
+                                   atol=1e-5)
         np.testing.assert_allclose(np.asarray(hi).reshape(10), -np.asarray(s.minimize_linear(-rows)), rtol=1e-5,
                                    atol=1e-5)
         if isinstance(s, LpBall):  # points of the ball (its surface included), pushed out along the mask

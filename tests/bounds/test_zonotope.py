@@ -402,7 +402,8 @@ def test_crown_zonotope_refines_normalisers_before_any_reduction_and_zonotope_wa
     fn, ball = cmav.pooled_function(enc, prompt), cmav.embedding_ball(enc, prompt, [4], 1e-3)
     zono, zono_plain = (compile_bounds(fn, ball, method="zonotope", refine=r)(ball) for r in ("normalisers", "none"))
     for k in zono.intermediates:
-        np.testing.assert_array_equal(np.asarray(zono.intermediates[k].lower), np.asarray(zono_plain.intermediates[k].lower))
+        np.testing.assert_array_equal(np.asarray(zono.intermediates[k].lower),
+                                      np.asarray(zono_plain.intermediates[k].lower))
     bf = compile_bounds(fn, ball, method="crown-zonotope")
     early, plain = bf(ball), compile_bounds(fn, ball, method="crown-zonotope", refine="none")(ball)
     targets = backward.refined_by_crown(bf.graph)
