@@ -7,6 +7,7 @@ import pytest
 
 from diverify import xla_options
 from diverify.bounds import compile_bounds
+from diverify.errors import DiverifyError
 from diverify.specs import lp_ball
 
 
@@ -56,3 +57,48 @@ def test_a_bound_compiled_with_the_options_is_unchanged(fresh_options):
     plain = compile_bounds(f, ball, method="crown")(ball).output
     np.testing.assert_allclose(ours.lower, plain.lower, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(ours.upper, plain.upper, rtol=1e-6, atol=1e-7)
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(xla_options._malloc_trim() is None, reason="malloc_trim is glibc's")
+def test_release_freed_heap_returns_freed_pages_to_the_os():
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    size, count = 64 * 1024, 4096  # 256 MiB in blocks below mmap's threshold: the heap's own pages
+    blocks = [libc.malloc(size) for _ in range(count)]
+    fence = libc.malloc(size)  # keeps the freed blocks off the heap's top, where free() itself would trim
+    try:
+        for b in blocks:
+            ctypes.memset(b, 1, size)
+        for b in blocks:
+            libc.free(b)
+        held = _resident_bytes()
+        assert xla_options.release_freed_heap()
+        assert held - _resident_bytes() > size * count // 2
+    finally:
+        libc.free(fence)
+
+
+def test_a_bound_compiles_once_for_call_and_timed_and_releases_the_heap_after(monkeypatch):
+    released = []
+    monkeypatch.setattr(xla_options, "release_freed_heap", lambda: released.append(1) or True)
+    w = jax.random.normal(jax.random.key(3), (6, 5))
+    bf = compile_bounds(lambda x: jnp.tanh(x @ w), lp_ball(jnp.zeros(6), 0.1), method="crown")
+    ball = lp_ball(jnp.linspace(-1.0, 1.0, 6), 0.05)
+    called = bf(ball).output
+    assert released == [1]
+    timed, _, _ = bf.timed(lp_ball(jnp.linspace(-1.0, 1.0, 6), 0.05))
+    assert released == [1] and len(bf._executables) == 1  # the same executable
+    np.testing.assert_array_equal(timed.output.lower, called.lower)
+    bf(lp_ball(jnp.linspace(-1.0, 1.0, 6), 0.2))  # another radius: data, the same executable
+    assert released == [1]
+    with pytest.raises(DiverifyError, match=r"input set 0 has shape \(7,\), but the bound was compiled for shape \(6,\)"):
+        bf(lp_ball(jnp.zeros(7), 0.05))  # another shape is refused before compiling
+    assert released == [1]

@@ -345,7 +345,7 @@ class BoundFunction:
     def __call__(self, *sets) -> BoundResult:
         _check_sets(sets)
         with self.context():
-            return self._checked(self._compiled(*sets))
+            return self._checked(self._executable(sets)(*sets))
 
     def timed(self, *sets) -> tuple[BoundResult, float, float]:
         """The checked result, the tracing+compilation seconds (0 when an earlier call
@@ -354,15 +354,26 @@ class BoundFunction:
         _check_sets(sets)
         with self.context():
             t0 = time.perf_counter()
-            leaves, tree = jax.tree_util.tree_flatten(sets)
-            key = (tree, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
-            if key not in self._executables:
-                self._executables[key] = self._compiled.lower(*sets).compile()
-            compiled = self._executables[key]
+            compiled = self._executable(sets)
             t1 = time.perf_counter()
             result = jax.block_until_ready(compiled(*sets))
             t2 = time.perf_counter()
         return self._checked(result), t1 - t0, t2 - t1
+
+    def _executable(self, sets: tuple):
+        """The bound compiled ahead of time for the structure, shapes and types of ``sets``
+        (call inside :meth:`context`), compiled on first use (:func:`diverify.xla_options.compile`)."""
+        if len(sets) != len(self.graph.input_avals):
+            raise DiverifyError(f"the bound takes {len(self.graph.input_avals)} input set(s), got {len(sets)}")
+        for i, (s, aval) in enumerate(zip(sets, self.graph.input_avals)):
+            if tuple(np.shape(_as_input_set(s).center)) != tuple(aval.shape):
+                raise DiverifyError(f"input set {i} has shape {tuple(np.shape(_as_input_set(s).center))}, but the "
+                                    f"bound was compiled for shape {tuple(aval.shape)}")
+        leaves, tree = jax.tree_util.tree_flatten(sets)
+        key = (tree, tuple(jax.typeof(x) for x in leaves))
+        if key not in self._executables:
+            self._executables[key] = xla_options.compile(self._compiled.lower(*sets))
+        return self._executables[key]
 
     def _checked(self, result: BoundResult) -> BoundResult:
         for node, ok in zip(self.graph.nodes, np.asarray(result.node_ok)):
