@@ -147,7 +147,8 @@ def main(argv=None):
     if args.unsound_rel_pad is not None:
         print(f"DIAGNOSTIC: REL_PAD = {args.unsound_rel_pad}: these bounds are NOT sound in float32")
     for r in rows:
-        tags = [{"float64": "f64", "mixed": "mixed"}.get(r.get("precision")), {"none": "no refine", "attention": "attn", "all": "refine all"}.get(r.get("refine"))]
+        refine = {"none": "no refine", "attention": "attn", "costliest": "costliest", "all": "refine all"}
+        tags = [{"float64": "f64", "mixed": "mixed"}.get(r.get("precision")), refine.get(r.get("refine"))]
         if any(tags) and "precision" in r:
             r["method_label"] = f"{r['method']} ({', '.join(t for t in tags if t)})"
     print(f"{'method':<28} {'eps':>7} {'mean width':>11} {'true >=':>9} {'ratio':>7} {'viol':>9} {'bound s':>8} "

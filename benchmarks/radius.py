@@ -32,6 +32,7 @@ import numpy as np
 
 from diverify import cmav
 from diverify.bounds import compile_bounds
+from diverify.bounds.backward import REFINE_SCOPES
 from diverify.errors import DiverifyError
 from diverify.models import load_text_encoder
 
@@ -55,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="minilm", help="'minilm' or a checkpoint directory")
     p.add_argument("--layers", type=int, default=None, help="truncate the encoder to its first N layers")
     p.add_argument("--method", default="crown-zonotope")
+    p.add_argument("--refine", default="normalisers", choices=REFINE_SCOPES,
+                   help="which zonotope intervals CROWN tightens (compile_bounds' refine=)")
     p.add_argument("--gap", type=float, default=0.25, help="collision = cosine >= clean + GAP * (1 - clean)")
     p.add_argument("--eps-min", type=float, default=1e-7)
     p.add_argument("--eps-max", type=float, default=1.0)
@@ -93,7 +96,7 @@ def measure_prompt(enc, text: str, concepts: list[str], args) -> list[dict]:
     ball = cmav.embedding_ball(enc, prompt, [position], args.eps_max)
     clean = np.asarray(fn(ball.center))
     tau = clean + args.gap * (1.0 - clean)
-    bf = compile_bounds(fn, ball, method=args.method)
+    bf = compile_bounds(fn, ball, method=args.method, refine=args.refine)
     attack = cmav.pgd_attack(fn)
     calls = {"bound": 0, "attack": 0, "compile_seconds": 0.0, "bound_seconds": 0.0}
 
@@ -142,7 +145,8 @@ def main(argv=None):
     rows, timings = [], []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"device: {jax.devices()[0].platform}   method: {args.method}   layers: {args.layers or 'all'}")
+    print(f"device: {jax.devices()[0].platform}   method: {args.method} (refine {args.refine})   "
+          f"layers: {args.layers or 'all'}")
     print(f"{'prompt':<27} {'concept':<28} {'clean':>6} {'certified':>10} {'attack':>9} {'ratio':>8}")
     for text, concepts in list(PAIRS.items())[: args.prompts]:
         new, timing = measure_prompt(enc, text, concepts, args)
@@ -159,7 +163,8 @@ def main(argv=None):
         ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
         summary = {"pairs": len(rows), "pairs_planned": 2 * len(PAIRS), "median_ratio": float(np.median(ratios)) if ratios else None,
                    "geometric_mean_ratio": float(np.exp(np.mean(np.log(np.maximum(ratios, 1e-30))))) if ratios else None}
-        out.write_text(json.dumps({"device": jax.devices()[0].platform, "method": args.method, "layers": args.layers,
+        out.write_text(json.dumps({"device": jax.devices()[0].platform, "method": args.method, "refine": args.refine,
+                                   "layers": args.layers,
                                    "gap": args.gap, "steps": args.steps, "eps_range": [args.eps_min, args.eps_max],
                                    "summary": summary, "rows": rows, "timings": timings}, indent=1))
     print(f"median certified/attack ratio over {summary['pairs']} pairs: {summary['median_ratio']}")

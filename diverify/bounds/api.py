@@ -425,8 +425,9 @@ def compile_bounds(fn: Callable, *args, method: str = "crown", spec=None, alpha_
     ``"normalisers"`` (normalisation
     variances and softmax denominators, the default) or ``"attention"`` (also the operands
     of products of two perturbed tensors and the softmax's ``exp`` inputs: tighter on deep
-    transformers at large radii, ~3x the time) or ``"all"`` (every relaxation's input: the
-    tightest and slowest; see :func:`diverify.bounds.backward.refined_by_crown`).
+    transformers at large radii, ~3x the time), ``"costliest"`` (every relaxation's input, but
+    of each only the elements whose relaxations lose most, a fixed number) or ``"all"`` (every
+    relaxation's input: the tightest and slowest; see :func:`diverify.bounds.backward.refined_by_crown`).
     """
     method = canonical_method(method)
     symbols = check_symbols(symbols)

@@ -44,7 +44,7 @@ def add_symbols_option(parser: argparse.ArgumentParser) -> None:
 
 
 #: ``--refine``'s choices: the engine's ``REFINE_SCOPES``, spelled out so that ``--help`` needs no engine import.
-REFINE_CHOICES = ["none", "normalisers", "attention", "all"]
+REFINE_CHOICES = ["none", "normalisers", "attention", "costliest", "all"]
 
 
 def add_refine_option(parser: argparse.ArgumentParser, help: str | None = None) -> None:
@@ -56,8 +56,10 @@ def add_refine_option(parser: argparse.ArgumentParser, help: str | None = None) 
                              "or attention (also queries, keys, attention weights, values and the softmax's exp "
                              "inputs; MiniLM, 3 layers, float64, 1e-4: 8.2x the true range instead of 21.7x, 83 s "
                              "instead of 28); all: every relaxation's input (the FFN's GELU inputs too), the tightest "
-                             "and slowest (3 layers: 1.8x in 177 s; the full MiniLM at 1e-4, refused otherwise: 2.6x "
-                             "in 609 s, 22 GB)")
+                             "and slowest (3 layers: 1.8x in 233 s; the full MiniLM at 1e-4, refused otherwise: 2.6x "
+                             "in 609 s, 22 GB); costliest: those of all, but of each value only the 1024 elements "
+                             "whose relaxations lose most (3 layers: 3.2x in 90 s; one layer at 1e-3: as tight as "
+                             "all in a third of the time)")
 
 
 def check_symbols(symbols) -> int | None:

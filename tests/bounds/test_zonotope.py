@@ -218,8 +218,81 @@ def test_wider_refinement_tightens_the_intervals_it_adds_and_stays_sound(tiny_be
     w = lambda r: float(np.mean(np.asarray(r.output.upper - r.output.lower)))  # noqa: E731
     assert w(refined) <= w(plain) * (1 + 1e-6)
     check_sound(fn, ball, refined.output, jax.random.PRNGKey(4), n=64, attack_directions=2)
-    with pytest.raises(DiverifyError, match="refine must be one of none, normalisers, attention, all"):
+    with pytest.raises(DiverifyError, match="refine must be one of none, normalisers, attention, costliest, all"):
         compile_bounds(fn, ball, method="zonotope", refine="everything")
+
+
+def test_crown_interval_of_selected_elements_is_the_full_one_there_and_unbounded_elsewhere():
+    """``crown_interval(..., elements=(k, score))`` bounds the ``k`` elements of largest score with
+    the same backward passes as the full interval (chunked or not) and leaves the rest at
+    ``(-inf, inf)``, which an intersection ignores."""
+    from diverify.bounds import backward
+    from diverify.bounds.api import _as_input_set
+    from diverify.bounds.graph import trace
+
+    w1 = jax.random.normal(jax.random.PRNGKey(5), (6, 12))
+    w2 = jax.random.normal(jax.random.PRNGKey(6), (12, 10))
+    fn = lambda x: jax.nn.gelu(jax.nn.gelu(x @ w1, approximate=False) @ w2, approximate=False)  # noqa: E731
+    ball = _as_input_set(Box(-0.5 * np.ones(6, np.float32), 0.5 * np.ones(6, np.float32)))
+    graph = trace(fn, [ball.center], [True])
+    env, _ = backward.intermediate_bounds(graph, [ball], "crown")
+    vid = next(n.inputs[0] for n in reversed(graph.nodes) if n.name == "gelu_erf")
+    idx = next(i for i, n in enumerate(graph.nodes) if vid in n.outputs)
+    full = backward.crown_interval(graph, vid, env, [ball], idx)
+    score = np.asarray([6, 5, 0, 1, 0, 2, 0, 6, 5, 3], np.float32)  # the four largest: 0, 7 (6) and 1, 8 (5)
+    for chunk in (4096, 2):
+        lo, hi = backward.crown_interval(graph, vid, env, [ball], idx, chunk=chunk,
+                                         elements=(4, jax.numpy.asarray(score)))
+        picked = [0, 1, 7, 8]
+        np.testing.assert_allclose(np.asarray(lo)[picked], np.asarray(full[0])[picked], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(hi)[picked], np.asarray(full[1])[picked], rtol=1e-5, atol=1e-6)
+        rest = np.setdiff1d(np.arange(10), picked)
+        assert np.all(np.asarray(lo)[rest] == -np.inf) and np.all(np.asarray(hi)[rest] == np.inf)
+
+
+def test_relaxation_cost_weighs_a_gelu_input_by_its_curvature_and_a_product_operand_by_its_width():
+    """A GELU input costs ~ |f''| w^2 / 8: wide intervals far out on either side (where the GELU
+    is ~linear) cost less than narrower ones around 0; an operand of a product costs its width;
+    a non-finite interval comes first."""
+    from diverify.bounds import backward
+    from diverify.bounds.graph import trace
+
+    graph = trace(lambda x: jax.nn.gelu(x, approximate=False), [np.zeros(5, np.float32)], [True])
+    assert [n.name for n in graph.nodes] == ["gelu_erf"]
+    vid = graph.inputs[0]
+    lo = jax.numpy.asarray([-0.2, 9.0, -30.0, -1.0, 0.0])
+    hi = jax.numpy.asarray([0.2, 11.0, -20.0, 1.0, jax.numpy.inf])
+    cost = np.asarray(backward.relaxation_cost(graph, vid, (lo, hi)))
+    assert cost[4] == np.inf
+    assert cost[3] > cost[0] > max(cost[1], cost[2]) and max(cost[1], cost[2]) < 1e-5
+    gelu = lambda x: float(jax.nn.gelu(x, approximate=False))  # noqa: E731
+    chord_gaps = [abs(gelu(x) - (gelu(-1.0) + (x + 1.0) / 2 * (gelu(1.0) - gelu(-1.0)))) for x in (-0.5, 0.0, 0.5)]
+    np.testing.assert_allclose(cost[3], max(chord_gaps), rtol=1e-5)  # on [-1, 1]: at 0, 0.3413
+    product = trace(lambda x: x * x[::-1], [np.zeros(3, np.float32)], [True])
+    interval = (jax.numpy.zeros(3), jax.numpy.asarray([1.0, 2.0, 3.0]))
+    width = np.asarray(backward.relaxation_cost(product, product.inputs[0], interval))
+    np.testing.assert_allclose(width, [1.0, 2.0, 3.0])
+
+
+def test_costliest_refinement_sits_between_the_default_and_all_and_stays_sound(tiny_bert_dir, monkeypatch):
+    """``refine="costliest"`` refines the values of ``"all"``, of each only
+    ``REFINE_COSTLIEST`` elements (made 64 here: tiny-bert's values are small): its output is no
+    wider than the default's and no tighter than ``"all"``'s (float32 noise aside), and it is
+    sound at sampled, corner and attack points."""
+    from diverify.bounds import backward
+
+    monkeypatch.setattr(backward, "REFINE_COSTLIEST", 64)
+    fn, ball = _tiny_bert_with_a_small_symbol_budget(tiny_bert_dir, monkeypatch)
+    bf = compile_bounds(fn, ball, method="zonotope", refine="costliest")
+    assert backward.refined_by_crown(bf.graph, "costliest") == backward.refined_by_crown(bf.graph, "all")
+    w = lambda r: float(np.mean(np.asarray(r.output.upper - r.output.lower)))  # noqa: E731
+    costliest = bf(ball)
+    plain = compile_bounds(fn, ball, method="zonotope")(ball)
+    every = compile_bounds(fn, ball, method="zonotope", refine="all")(ball)
+    widths = (w(every), w(costliest), w(plain))
+    assert widths[0] <= widths[1] * (1 + 1e-5) and widths[1] <= widths[2] * (1 + 1e-5), widths
+    assert w(costliest) < w(plain)
+    check_sound(fn, ball, costliest.output, jax.random.PRNGKey(5), n=64, attack_directions=2)
 
 
 @pytest.mark.parametrize("method", ["zonotope", "crown-zonotope"])
