@@ -58,19 +58,29 @@ def jit(fn: Callable, dtype: Any = jnp.float32, **kwargs) -> Callable:
     return jax.jit(fn, compiler_options=compiler_options(dtype) or None, **kwargs)
 
 
+#: :func:`compile` releases the freed heap when the program's temporaries reach this many bytes.
+RELEASE_FOR_TEMP_BYTES = 1 << 30
+
+
 def compile(lowered) -> jax.stages.Compiled:
-    """``lowered.compile()``, then the heap the compiler freed handed back to the OS
-    (:func:`release_freed_heap`).
+    """``lowered.compile()``, then, for a program whose temporaries reach
+    :data:`RELEASE_FOR_TEMP_BYTES` (XLA's memory analysis), the heap the compiler freed
+    handed back to the OS (:func:`release_freed_heap`).
 
     XLA's compiler allocates many small objects; glibc keeps their freed pages in
     its arenas, where the large buffers of the run (allocated by ``mmap``) cannot
     use them. So a process that compiles a large bound and then runs it peaks at
     the compiler's leftovers plus the run's buffers: the 6-layer MiniLM
-    crown-zonotope bound (float64) peaked at 10.2 GB, 5.0 GB resident after compiling
-    and 2.5 GB after the release, 7.7 GB at its peak (``benchmarks/RESULTS.md``, "Stop 29").
+    crown-zonotope bound (float64, 3.9 GB of temporaries) peaked at 10.2 GB, 5.0 GB
+    resident after compiling and 2.5 GB after the release, 7.7 GB at its peak
+    (``benchmarks/RESULTS.md``, "Stop 29"). Small programs keep the pages: their later
+    allocations reuse them, and releasing them after every compilation made
+    ``tests/bounds/test_api.py`` 13% slower (re-faulting the pages).
     """
     compiled = lowered.compile()
-    release_freed_heap()
+    analysis = compiled.memory_analysis()
+    if analysis is not None and getattr(analysis, "temp_size_in_bytes", 0) >= RELEASE_FOR_TEMP_BYTES:
+        release_freed_heap()
     return compiled
 
 
