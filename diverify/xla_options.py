@@ -1,4 +1,5 @@
-"""XLA compiler options for diverify's compiled programs.
+"""XLA compiler options for diverify's compiled programs, and their ahead-of-time compilation
+(:func:`compile`: the compiler's freed heap released before a large program runs).
 
 On the CPU, XLA (jaxlib 0.10) hands elementwise, reduction and dot fusions to
 the YNNPACK library by default. On diverify's float32 programs that is slower: YNNPACK
