@@ -150,33 +150,46 @@ def test_reduction_at_cuts_is_sound_and_tighter_than_inside_a_branch(monkeypatch
     assert widths["cut"] < 0.995 * widths["branch"], widths
 
 
-def _tiny_bert_with_a_small_symbol_budget(tiny_bert_dir, monkeypatch):
+@pytest.fixture(scope="module")
+def small_budget(tiny_bert_dir):
     """tiny-bert's pooled output and a 1e-4 ball on position 4, with the zonotope's symbol budget
     made small so that it boxes errors for CROWN to recover (with the default budget tiny-bert
-    keeps every symbol and a refinement finds nothing to add)."""
-    from diverify.bounds import zonotope
+    keeps every symbol and a refinement finds nothing to add), and ``REFINE_COSTLIEST`` made 64
+    (tiny-bert's values are small). ``bound(refine)`` is ``(compiled zonotope bound, its result)``,
+    compiled once per scope for the module: the tests below compare scopes pairwise."""
+    from diverify.bounds import backward, zonotope
 
-    monkeypatch.setattr(zonotope, "CUT_BUDGET", 256)
-    monkeypatch.setattr(zonotope, "KEEP_SYMBOLS", 64)
     enc = load_text_encoder(tiny_bert_dir)
     prompt = cmav.make_prompt(enc, ids=IDS)
-    return cmav.pooled_function(enc, prompt), cmav.embedding_ball(enc, prompt, [4], 1e-4)
+    fn, ball = cmav.pooled_function(enc, prompt), cmav.embedding_ball(enc, prompt, [4], 1e-4)
+    done = {}
+
+    def bound(refine):
+        if refine not in done:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(zonotope, "CUT_BUDGET", 256)
+                patch.setattr(zonotope, "KEEP_SYMBOLS", 64)
+                patch.setattr(backward, "REFINE_COSTLIEST", 64)
+                bf = compile_bounds(fn, ball, method="zonotope", refine=refine)
+                done[refine] = bf, bf(ball)
+        return done[refine]
+
+    return fn, ball, bound
 
 
-def test_crown_refined_variances_are_no_looser_and_keep_the_bound_sound(tiny_bert_dir, monkeypatch):
+def test_crown_refined_variances_are_no_looser_and_keep_the_bound_sound(small_budget):
     """The zonotope method tightens LayerNorm variances and softmax denominators with CROWN: every lower bound is
     at least the plain zonotope's (``refine="none"``), the final bound no wider, and still sound. (The zonotope's
     symbol budget is made small so that it has boxed errors for CROWN to recover: with the
     default budget tiny-bert keeps every symbol and the refinement finds nothing to add.)"""
     from diverify.bounds import backward
 
-    fn, ball = _tiny_bert_with_a_small_symbol_budget(tiny_bert_dir, monkeypatch)
-    bf = compile_bounds(fn, ball, method="zonotope")
+    fn, ball, bound = small_budget
+    bf, refined = bound("normalisers")
     targets = backward.refined_by_crown(bf.graph)
     assert targets
-    refined = bf(ball)
     assert backward.refined_by_crown(bf.graph, "none") == set()
-    plain = compile_bounds(fn, ball, method="zonotope", refine="none")(ball)  # the zonotope alone
+    plain = bound("none")[1]  # the zonotope alone
     keys = [f"{k}:{n.name}" for k, n in enumerate(bf.graph.nodes) if set(n.outputs) & targets]
     # no lower (beyond float32 noise: tighter earlier intervals change later relaxation lines), some higher
     gain = [float(np.min(np.asarray(refined.intermediates[k].lower - plain.intermediates[k].lower)
@@ -188,7 +201,7 @@ def test_crown_refined_variances_are_no_looser_and_keep_the_bound_sound(tiny_ber
 
 
 @pytest.mark.parametrize("scope", ["attention", "all"])
-def test_wider_refinement_tightens_the_intervals_it_adds_and_stays_sound(tiny_bert_dir, monkeypatch, scope):
+def test_wider_refinement_tightens_the_intervals_it_adds_and_stays_sound(small_budget, scope):
     """``refine="attention"`` also tightens, with CROWN, the operands of the products of two perturbed
     tensors (queries, keys, attention weights, values) and the softmax's ``exp`` inputs; ``"all"``
     every relaxation's input (the GELU inputs too). Each selects those on top of the narrower scope,
@@ -199,8 +212,8 @@ def test_wider_refinement_tightens_the_intervals_it_adds_and_stays_sound(tiny_be
     from diverify.bounds.graph import Const
     from diverify.errors import DiverifyError
 
-    fn, ball = _tiny_bert_with_a_small_symbol_budget(tiny_bert_dir, monkeypatch)
-    bf = compile_bounds(fn, ball, method="zonotope", refine=scope)
+    fn, ball, bound = small_budget
+    bf, refined = bound(scope)
     default = backward.refined_by_crown(bf.graph)
     narrower = backward.refined_by_crown(bf.graph, "attention" if scope == "all" else "normalisers")
     targets = backward.refined_by_crown(bf.graph, scope)
@@ -209,8 +222,7 @@ def test_wider_refinement_tightens_the_intervals_it_adds_and_stays_sound(tiny_be
     assert default <= narrower < targets
     expected = ("dot_general", "exp") if scope == "attention" else ("gelu",)  # tiny-bert: gelu_tanh
     assert all(any(n.startswith(e) for n in names) for e in expected), names
-    refined = bf(ball)
-    plain = compile_bounds(fn, ball, method="zonotope")(ball)
+    plain = bound("normalisers")[1]
     keys = [f"{k}:{n.name}" for k, n in enumerate(bf.graph.nodes) if set(n.outputs) & extra]
     gain = [float(np.min(np.asarray(refined.intermediates[k].lower - plain.intermediates[k].lower)
                          / np.maximum(np.abs(np.asarray(plain.intermediates[k].lower)), 1e-3))) for k in keys]
@@ -274,21 +286,18 @@ def test_relaxation_cost_weighs_a_gelu_input_by_its_curvature_and_a_product_oper
     np.testing.assert_allclose(width, [1.0, 2.0, 3.0])
 
 
-def test_costliest_refinement_sits_between_the_default_and_all_and_stays_sound(tiny_bert_dir, monkeypatch):
+def test_costliest_refinement_sits_between_the_default_and_all_and_stays_sound(small_budget):
     """``refine="costliest"`` refines the values of ``"all"``, of each only
     ``REFINE_COSTLIEST`` elements (made 64 here: tiny-bert's values are small): its output is no
     wider than the default's and no tighter than ``"all"``'s (float32 noise aside), and it is
     sound at sampled, corner and attack points."""
     from diverify.bounds import backward
 
-    monkeypatch.setattr(backward, "REFINE_COSTLIEST", 64)
-    fn, ball = _tiny_bert_with_a_small_symbol_budget(tiny_bert_dir, monkeypatch)
-    bf = compile_bounds(fn, ball, method="zonotope", refine="costliest")
+    fn, ball, bound = small_budget
+    bf, costliest = bound("costliest")
     assert backward.refined_by_crown(bf.graph, "costliest") == backward.refined_by_crown(bf.graph, "all")
     w = lambda r: float(np.mean(np.asarray(r.output.upper - r.output.lower)))  # noqa: E731
-    costliest = bf(ball)
-    plain = compile_bounds(fn, ball, method="zonotope")(ball)
-    every = compile_bounds(fn, ball, method="zonotope", refine="all")(ball)
+    plain, every = bound("normalisers")[1], bound("all")[1]
     widths = (w(every), w(costliest), w(plain))
     assert widths[0] <= widths[1] * (1 + 1e-5) and widths[1] <= widths[2] * (1 + 1e-5), widths
     assert w(costliest) < w(plain)
