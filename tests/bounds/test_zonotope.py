@@ -14,16 +14,32 @@ from tests.bounds.sampling import check_sound
 IDS = [2, 17, 250, 31, 8, 999, 64, 3]
 
 
-def test_zonotope_is_sound_on_tiny_bert_where_symbolic_intervals_fail(tiny_bert_dir):
-    """At 1e-4 the interval slack of ``forward`` loses the LayerNorm variance; fresh error symbols keep it,
-    and every interior, corner and attack point stays inside the zonotope bound."""
+@pytest.fixture(scope="module")
+def tiny_bert(tiny_bert_dir):
+    """tiny-bert's pooled output, ``ball(eps)`` on position 4, and ``compiled(method, refine)``: one
+    compiled bound per method and scope for the module (the radius is data: it serves every eps)."""
     enc = load_text_encoder(tiny_bert_dir)
     prompt = cmav.make_prompt(enc, ids=IDS)
     fn = cmav.pooled_function(enc, prompt)
-    ball = cmav.embedding_ball(enc, prompt, [4], 1e-4)
+    ball = lambda eps: cmav.embedding_ball(enc, prompt, [4], eps)  # noqa: E731
+    done = {}
+
+    def compiled(method, refine="normalisers"):
+        if (method, refine) not in done:
+            done[method, refine] = compile_bounds(fn, ball(1e-4), method=method, refine=refine)
+        return done[method, refine]
+
+    return fn, ball, compiled
+
+
+def test_zonotope_is_sound_on_tiny_bert_where_symbolic_intervals_fail(tiny_bert):
+    """At 1e-4 the interval slack of ``forward`` loses the LayerNorm variance; fresh error symbols keep it,
+    and every interior, corner and attack point stays inside the zonotope bound."""
+    fn, make_ball, compiled = tiny_bert
+    ball = make_ball(1e-4)
     with pytest.raises(DiverifyError, match="cannot bound"):
         compile_bounds(fn, ball, method="forward")(ball)
-    out = compile_bounds(fn, ball, method="zonotope")(ball).output
+    out = compiled("zonotope")(ball).output
     assert float(np.mean(np.asarray(out.upper - out.lower))) < 0.05
     check_sound(fn, ball, out, jax.random.PRNGKey(0), n=64, attack_directions=2)
 
@@ -151,7 +167,7 @@ def test_reduction_at_cuts_is_sound_and_tighter_than_inside_a_branch(monkeypatch
 
 
 @pytest.fixture(scope="module")
-def small_budget(tiny_bert_dir):
+def small_budget(tiny_bert):
     """tiny-bert's pooled output and a 1e-4 ball on position 4, with the zonotope's symbol budget
     made small so that it boxes errors for CROWN to recover (with the default budget tiny-bert
     keeps every symbol and a refinement finds nothing to add), and ``REFINE_COSTLIEST`` made 64
@@ -159,9 +175,8 @@ def small_budget(tiny_bert_dir):
     compiled once per scope for the module: the tests below compare scopes pairwise."""
     from diverify.bounds import backward, zonotope
 
-    enc = load_text_encoder(tiny_bert_dir)
-    prompt = cmav.make_prompt(enc, ids=IDS)
-    fn, ball = cmav.pooled_function(enc, prompt), cmav.embedding_ball(enc, prompt, [4], 1e-4)
+    fn, make_ball, _ = tiny_bert
+    ball = make_ball(1e-4)
     done = {}
 
     def bound(refine):
@@ -305,7 +320,7 @@ def test_costliest_refinement_sits_between_the_default_and_all_and_stays_sound(s
 
 
 @pytest.mark.parametrize("method", ["zonotope", "crown-zonotope"])
-def test_concretising_only_the_intervals_read_keeps_the_bound(tiny_bert_dir, monkeypatch, method):
+def test_concretising_only_the_intervals_read_keeps_the_bound(tiny_bert, monkeypatch, method):
     """Values no relaxation reads keep their interval-arithmetic interval instead of the
     form's. The bound must stay what concretising every value gives, up to the few elements
     where that interval arithmetic, now fed looser intervals, had beaten the form (float32
@@ -313,11 +328,9 @@ def test_concretising_only_the_intervals_read_keeps_the_bound(tiny_bert_dir, mon
     may not miss a reader (without the GELU inputs the bound moves by 0.28 of the mean width)."""
     from diverify.bounds import zonotope
 
-    enc = load_text_encoder(tiny_bert_dir)
-    prompt = cmav.make_prompt(enc, ids=IDS)
-    fn = cmav.pooled_function(enc, prompt)
-    ball = cmav.embedding_ball(enc, prompt, [4], 1e-4)
-    bf = compile_bounds(fn, ball, method=method)
+    fn, make_ball, compiled = tiny_bert
+    ball = make_ball(1e-4)
+    bf = compiled(method)
     read = zonotope.intervals_read(bf.graph)
     assert 0 < len(read) < len(bf.graph.avals) // 2
     lean = bf(ball)
@@ -472,22 +485,21 @@ def test_slack_read_only_by_elementwise_nodes_makes_no_rows_and_the_same_bound(m
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=tol)
 
 
-def test_crown_zonotope_refines_normalisers_before_any_reduction_and_zonotope_waits(tiny_bert_dir):
+def test_crown_zonotope_refines_normalisers_before_any_reduction_and_zonotope_waits(tiny_bert):
     """With the default budget tiny-bert never reduces (no symbol is boxed). ``zonotope`` then calls no
     CROWN refinement (its intervals are those of ``refine="none"``), ``crown-zonotope`` refines the
     normalisers from the first node: at 1e-3 their lower bounds are at least its unrefined ones and
     some higher (CROWN's relaxations beat the zonotope's far from linear), and the bound is sound."""
     from diverify.bounds import backward
 
-    enc = load_text_encoder(tiny_bert_dir)
-    prompt = cmav.make_prompt(enc, ids=IDS)
-    fn, ball = cmav.pooled_function(enc, prompt), cmav.embedding_ball(enc, prompt, [4], 1e-3)
-    zono, zono_plain = (compile_bounds(fn, ball, method="zonotope", refine=r)(ball) for r in ("normalisers", "none"))
+    fn, make_ball, compiled = tiny_bert
+    ball = make_ball(1e-3)
+    zono, zono_plain = (compiled("zonotope", r)(ball) for r in ("normalisers", "none"))
     for k in zono.intermediates:
         np.testing.assert_array_equal(np.asarray(zono.intermediates[k].lower),
                                       np.asarray(zono_plain.intermediates[k].lower))
-    bf = compile_bounds(fn, ball, method="crown-zonotope")
-    early, plain = bf(ball), compile_bounds(fn, ball, method="crown-zonotope", refine="none")(ball)
+    bf = compiled("crown-zonotope")
+    early, plain = bf(ball), compiled("crown-zonotope", "none")(ball)
     targets = backward.refined_by_crown(bf.graph)
     keys = [f"{k}:{n.name}" for k, n in enumerate(bf.graph.nodes) if set(n.outputs) & targets]
     gain = [np.asarray(early.intermediates[k].lower - plain.intermediates[k].lower)
