@@ -65,8 +65,10 @@ float32 (constants rounded to it) is within ``k eps |L| sum_i |g_i|`` of the exa
 (:func:`~diverify.bounds.ops.rounding_count`: ``k = n + 2`` for sums of ``n`` products),
 an elementwise scaling within ``2 eps |s| sum_i |g_i|``; these go into the slack, which
 later becomes a fresh block as a relaxation's remainder does. Sums ``sum_i |g_i|`` are
-accumulated in float64, fresh radii rounded up. It halves the memory of the rows and
-runs their convolutions ~8x faster on CPU (float64 convolutions are a slow path). The
+accumulated in float64, or over large values in the rows' type and padded (:func:`_mass`),
+fresh radii rounded up. It
+halves the memory of the rows and runs their convolutions ~8x faster on CPU (float64
+convolutions are a slow path). The
 worst-case ``k`` is the price: on the digits UNet at r = 1e-5 (contractions of at most
 576) it costs 0.04% of the 3-step product; through MiniLM's 1536-long FFN contractions
 it compounds (6 layers, 1e-5: 3.4x -> 11.6x the true range), so float64 stays the
@@ -104,6 +106,11 @@ SYMBOL_BUDGET = 24576
 CUT_BUDGET = 13312
 #: How many error symbols a reduction keeps (at a cut, and under the hard cap).
 KEEP_SYMBOLS = 12288
+#: Narrow error rows of values with more elements than this have their ``sum_i |g_i|`` summed in their own
+#: type and padded (:func:`_mass`), not accumulated in float64.
+FLOAT64_MASS_LIMIT = 2048
+#: ... and only below this many rows (float32: the pad ``(n - 1) u`` stays under 1%).
+MAX_PADDED_ROWS = 1 << 17
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,10 +285,41 @@ def _narrow(v: Zonotope) -> bool:
 
 
 def _mass(errors):
-    """An upper bound on ``sum_i |g_i|`` over the error rows ``g_i`` (elementwise), accumulated
-    in float64 and padded for its own rounding (:func:`_boxed_radius`). (Summing blocks of 64
-    rows in float32 first was 7x slower inside the UNet's step, 86 s instead of 6 s.)"""
+    """An upper bound on ``sum_i |g_i|`` over the narrow error rows ``g_i`` (elementwise), in float64:
+    accumulated in float64 (padded by :func:`_boxed_radius`) for values of at most
+    :data:`FLOAT64_MASS_LIMIT` elements, else :func:`_padded_sum` in the rows' own type.
+
+    Why two ways: XLA:CPU's float64-accumulating sum over float32 rows is 3-7x slower than the float32
+    sum (2 cores, ``/tmp`` benchmark, 19072 rows: 0.9 against 0.3 ns an element at 2688 elements a row,
+    4.6 against 0.7 ns at 10752). On the 6-layer MiniLM bound (mixed, 16384 symbols, 1e-5) the
+    float64 sums over the FFN's 7 x 1536 values alone took 36 of its 76 s; with :func:`_padded_sum`
+    above the limit the bound takes 51 s and is 0.12% wider. Inside the digits UNet's step (values of
+    at most 3072 elements) the float32 sums made the step slower instead, 7.3 s against 6.3 s with
+    every value summed in float32, so small values keep the float64 accumulation (the step: 6.0 s
+    against 6.1 s with this limit).
+    """
+    if math.prod(errors.shape[1:]) > FLOAT64_MASS_LIMIT and errors.shape[0] < MAX_PADDED_ROWS:
+        return _padded_sum(errors)
     return _boxed_radius(jnp.abs(errors), errors.shape[0], jnp.float64)
+
+
+def _padded_sum(errors):
+    """``sum_i |g_i|`` over the rows ``g_i``, summed in their own float type and padded, in float64.
+
+    Whatever order XLA adds the ``n`` non-negative terms in, the computed sum ``s'`` satisfies
+    ``|s' - s| <= gamma s`` with ``gamma = (n - 1) u / (1 - (n - 1) u)`` (Higham, *Accuracy and
+    Stability of Numerical Algorithms*, section 4.2; ``u`` the unit roundoff), so ``s <= s' / (1 -
+    gamma)``; each term or partial sum flushed to zero loses at most the smallest normal number
+    (``3 n tiny`` covers them, also after the division). For float32 rows: a factor ``1 + 1.1e-3``
+    at 19072 rows.
+    """
+    n = errors.shape[0]
+    info = jnp.finfo(errors.dtype)
+    u = float(info.eps) / 2
+    gamma = (n - 1) * u / (1 - (n - 1) * u)
+    factor = (1 + 1e-15) / (1 - gamma)  # the margin covers the float64 rounding of this factor and product
+    total = jnp.sum(jnp.abs(errors), axis=0)
+    return total.astype(jnp.float64) * factor + 3 * n * float(info.tiny)
 
 
 def _error_radius(v: Zonotope):
