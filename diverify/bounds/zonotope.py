@@ -66,13 +66,11 @@ float32 (constants rounded to it) is within ``k eps |L| sum_i |g_i|`` of the exa
 an elementwise scaling within ``2 eps |s| sum_i |g_i|``; these go into the slack, which
 later becomes a fresh block as a relaxation's remainder does. Sums ``sum_i |g_i|`` are
 accumulated in float64, or over large values in the rows' type and padded (:func:`_mass`),
-fresh radii rounded up. It
-halves the memory of the rows and runs their convolutions ~8x faster on CPU (float64
-convolutions are a slow path). The
-worst-case ``k`` is the price: on the digits UNet at r = 1e-5 (contractions of at most
-576) it costs 0.04% of the 3-step product; through MiniLM's 1536-long FFN contractions
-it compounds (6 layers, 1e-5: 3.4x -> 11.6x the true range), so float64 stays the
-default there.
+fresh radii rounded up. It halves the memory of the rows and runs their convolutions ~8x
+faster on CPU (float64 convolutions are a slow path). The worst-case ``k`` is the price:
+on the digits UNet at r = 1e-5 (contractions of at most 576) it costs 0.04% of the 3-step
+product; through MiniLM's 1536-long FFN contractions it compounds (6 layers, 1e-5: 3.4x ->
+11.6x the true range), so float64 stays the default there.
 
 Concretising: input blocks ask their input set for ``min/max <T, x>``;
 error blocks give ``+-sum |T|``. Only the values whose interval a later step
