@@ -49,6 +49,7 @@ array is NaN; the engine checks :func:`domain_ok` and raises a
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -741,11 +742,19 @@ def _vertices(lx, ux, ly, uy):
 
 def bilinear_interval(lx, ux, ly, uy) -> tuple[Array, Array]:
     """Sound interval of ``x*y`` over the box (min / max of the four corner
-    products, padded by ``REL_PAD`` of the largest corner plus ``ABS_PAD``)."""
-    xs, ys = _vertices(*_broadcast(lx, ux, ly, uy))
-    p = xs * ys
-    pad = rel_pad(p.dtype) * jnp.max(jnp.abs(p), axis=0) + ABS_PAD
-    return jnp.min(p, axis=0) - pad, jnp.max(p, axis=0) + pad
+    products, padded by ``REL_PAD`` of the largest corner plus ``ABS_PAD``).
+
+    The corners are reduced by chains of elementwise ``minimum`` / ``maximum``, not
+    stacked and reduced over a new axis: XLA:CPU fused such a stack into a
+    concatenate whose every slot re-evaluated the producers of ``lx .. uy`` (the
+    zonotope's interval arithmetic, deep elementwise chains), half of a digits-UNet
+    reach step (``benchmarks/RESULTS.md``, stop 32). Minima and maxima are exact, so
+    the values are the same.
+    """
+    lx, ux, ly, uy = _broadcast(lx, ux, ly, uy)
+    p = [lx * ly, lx * uy, ux * ly, ux * uy]
+    pad = rel_pad(p[0].dtype) * functools.reduce(jnp.maximum, [jnp.abs(q) for q in p]) + ABS_PAD
+    return functools.reduce(jnp.minimum, p) - pad, functools.reduce(jnp.maximum, p) + pad
 
 
 def bilinear_bounds(lx, ux, ly, uy, alpha_lower=None, alpha_upper=None) -> BilinearBounds:

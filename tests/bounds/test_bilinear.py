@@ -150,3 +150,25 @@ def test_quotient_of_positive_box():
     assert float(lo) <= 0.125 and 0.125 - float(lo) < 1e-5
     assert float(hi) >= 0.5 and float(hi) - 0.5 < 1e-5
 
+
+
+def test_product_interval_reduces_its_corners_without_stacking_them():
+    """The four corner products are reduced elementwise. Stacked and reduced over a new
+    axis, XLA:CPU fused the stack into a concatenate that re-evaluated the operands'
+    producers once per slot, half of a UNet reach step; the values must not change."""
+
+    def chain(x):  # a deep elementwise producer of the interval ends, as in the zonotope's arithmetic
+        for _ in range(6):
+            x = jnp.nextafter(x * 1.5 + jnp.sin(x), jnp.inf)
+        return x
+
+    def product(lx, ux, ly, uy):
+        return R.bilinear_interval(chain(lx), chain(ux), chain(ly), chain(uy))
+
+    args = [jnp.linspace(a, a + 1.0, 64) for a in (-2.0, -1.0, 0.5, 1.0)]
+    hlo = jax.jit(product).lower(*args).compile().as_text()
+    assert "concatenate" not in hlo
+    lo, hi = product(*args)
+    ends = [np.asarray(chain(a)) for a in args]
+    corners = [ends[0] * ends[2], ends[0] * ends[3], ends[1] * ends[2], ends[1] * ends[3]]
+    assert np.all(np.asarray(lo) <= np.min(corners, axis=0)) and np.all(np.asarray(hi) >= np.max(corners, axis=0))
