@@ -37,10 +37,10 @@ def add_precision_option(parser: argparse.ArgumentParser) -> None:
 def add_symbols_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--symbols", type=int, default=None, metavar="N",
                         help="error symbols the zonotope methods keep at each order reduction (default 12288): more is "
-                             "tighter and costs time and memory in proportion (the full MiniLM at eps 1e-5, float64: "
-                             "3.4x the true range with 12288, 1.2x with 16384 at ~12 GB; the digits UNet's 50-step "
-                             "reach at r 1e-5, mixed: 1.03x the attack with 12288 at ~6 s a step, 1.5x with 4096 at "
-                             "3.7 s, a failed bound at step ~30 with 2048)")
+                             "tighter and costs time and memory (the full MiniLM at eps 1e-5, float64: 3.4x the true "
+                             "range with 12288, 1.2x with 16384 at ~12 GB; the digits UNet's 50-step reach at r 1e-5, "
+                             "mixed, 2 CPU cores: 1.08x the attack with 12288 at 2.7 s a step, 1.14x with 4096 at 2.1 s, "
+                             "a failed bound at step 46 with 2048)")
 
 
 #: ``--refine``'s choices: the engine's ``REFINE_SCOPES``, spelled out so that ``--help`` needs no engine import.

@@ -29,7 +29,7 @@ Bounds how much the final sample x_0 can move when the noise seed x_T moves by r
           (local and reach trace and compile one bound for all T steps, in float32
           by default; a UNet needs --precision float64 or mixed, which removes
           float32's padding floor: on the digits UNet it compiles in ~1 min and
-          bounds a step in ~6 s (mixed) on 2 CPU cores)
+          bounds a step in ~2.7 s (mixed) on 2 CPU cores)
 
 Each certified number is printed next to an empirical lower bound (Jacobian power
 iteration and a gradient attack). With --distance d, the certified radius in x_T
