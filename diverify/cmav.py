@@ -148,8 +148,13 @@ def substitution_set(encoder, prompt: Prompt, substitutions: dict[int, Sequence[
 
 
 def unit_cosines(targets: jax.Array, e: jax.Array) -> jax.Array:
-    """``targets @ (e / ||e||)`` (rows of ``targets`` unit norm), the product at full precision."""
-    return jnp.matmul(targets, e * jax.lax.rsqrt(jnp.sum(e * e)), precision=jax.lax.Precision.HIGHEST)
+    """``targets @ (e / ||e||)`` (rows of ``targets`` unit norm), the product at full precision.
+
+    Computed as ``(targets @ e) * rsqrt(sum e^2)``: the bound engine then relaxes one product
+    of two bounded quantities per concept, not one per coordinate of ``e`` before a sum that
+    adds up their errors (MiniLM, one layer, "a photo of a cat" against "a photo of a dog",
+    l_inf 7e-4: the cosine's bound 8.9x the attack's excess instead of 10.9x)."""
+    return jnp.matmul(targets, e, precision=jax.lax.Precision.HIGHEST) * jax.lax.rsqrt(jnp.sum(e * e))
 
 
 def cosine_function(encoder, prompt: Prompt, concept_embeddings: jax.Array):

@@ -188,3 +188,28 @@ def test_the_clean_cosine_is_the_bounded_function_on_every_device(encoder):
     fn = cmav.cosine_function(encoder, prompt, targets / jnp.linalg.norm(targets))
     assert low_precision_products(fn, ball.center) == []
     assert low_precision_products(lambda x: jnp.dot(x, x), ball.center[0, 0]) == ["dot_general: None"]
+
+
+def test_cosine_bound_relaxes_one_product_per_concept_and_is_no_looser(encoder):
+    """``unit_cosines`` scales ``targets @ e`` by ``rsqrt(sum e^2)``: one bilinear relaxation per
+    concept. Normalising ``e`` coordinate by coordinate first gives the same function, but its
+    bound is looser (each coordinate's product error is summed by the dot)."""
+    from diverify.bounds import compile_bounds
+
+    prompt = cmav.make_prompt(encoder, ids=IDS)
+    targets = jax.random.normal(jax.random.PRNGKey(1), (3, encoder.embedding_dim))
+    targets = targets / jnp.linalg.norm(targets, axis=-1, keepdims=True)
+    new = cmav.cosine_function(encoder, prompt, targets)
+
+    def per_coordinate(we):
+        e = encoder.pooled_from_word_embeddings(encoder.params, we, prompt.mask, prompt.ids)[0]
+        return jnp.matmul(targets, e * jax.lax.rsqrt(jnp.sum(e * e)), precision=jax.lax.Precision.HIGHEST)
+
+    ball = cmav.embedding_ball(encoder, prompt, [2], 3e-3)
+    clean = new(ball.center)
+    assert jnp.allclose(clean, per_coordinate(ball.center), atol=1e-6)
+    b_new = compile_bounds(new, ball, method="crown-zonotope")(ball).output
+    b_old = compile_bounds(per_coordinate, ball, method="crown-zonotope")(ball).output
+    assert jnp.all(b_new.lower <= clean) and jnp.all(clean <= b_new.upper)
+    assert jnp.all(b_new.upper - b_new.lower <= b_old.upper - b_old.lower)
+    assert jnp.sum(b_new.upper - b_new.lower) < jnp.sum(b_old.upper - b_old.lower)  # 0.3% here; 18% on MiniLM
