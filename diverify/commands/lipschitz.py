@@ -26,10 +26,12 @@ Bounds how much the final sample x_0 can move when the noise seed x_T moves by r
           of a product of per-step norms (digits UNet, T = 50, r = 1e-5, --precision
           mixed: 2.34, the chain's Jacobian norm 2.27, local 11.5); with other
           engine methods the output box
-          (local and reach trace and compile one bound for all T steps, in float32
-          by default; a UNet needs --precision float64 or mixed, which removes
-          float32's padding floor: on the digits UNet it compiles in ~1 min and
-          bounds a step in ~2.7 s (mixed) on 2 CPU cores)
+          (local and reach trace and compile one bound for all T steps, by default
+          in mixed precision for a model directory, whose GroupNorms would amplify
+          float32's padding floor until the bound fails, and in float32 for the
+          mixture: on the digits UNet it compiles in ~1 min and bounds a step in
+          ~2.7 s on 2 CPU cores; at r = 1e-3, T = 10, reach gives 2.3x the attack,
+          and at the default r = 0.01 the set outgrows what the engine can bound)
 
 Each certified number is printed next to an empirical lower bound (Jacobian power
 iteration and a gradient attack). With --distance d, the certified radius in x_T
@@ -46,9 +48,12 @@ examples:
   diverify lipschitz --denoiser runs/digits --steps 10 --method global --json
   diverify lipschitz --denoiser gmm --gmm-dim 8 --steps 5 --method reach --radius 0.05 --distance 0.5
   diverify lipschitz --denoiser gmm --steps 25 --method reach --radius 0.01 --keep-decision
-  diverify lipschitz --denoiser runs/digits --steps 50 --method reach --radius 1e-5 --precision mixed --refine none
+  diverify lipschitz --denoiser runs/digits --steps 50 --method reach --radius 1e-5 --refine none
   diverify lipschitz --denoiser runs/digits --sampler ddpm --steps 25 --method global --plot lip.png
 """
+
+#: The engine's arithmetics ``--precision`` names besides ``auto``.
+PRECISIONS = ("float32", "float64", "mixed")
 
 
 def register(subparsers) -> None:
@@ -72,12 +77,12 @@ def register(subparsers) -> None:
     parser.add_argument("--engine-method", default="zonotope",
                         help="bound-engine method for local/reach: ibp, forward, zonotope, crown-ibp, crown-forward, "
                              "crown-zonotope, crown, alpha-crown (default zonotope)")
-    parser.add_argument("--precision", choices=("float32", "float64", "mixed"), default="float32",
-                        help="arithmetic of the bound engine for local/reach (default float32; float64 pads at "
-                             "~1e-16 relative where a UNet's GroupNorms amplify float32's ~1e-6 padding floor until "
-                             "the bound fails; about 2x slower; mixed: float64 with the zonotope's error coefficients "
-                             "in float32, their rounding bounded: on the digits UNet ~1.5x faster than float64 a step "
-                             "for 0.04%% of the bound)")
+    parser.add_argument("--precision", choices=("auto",) + PRECISIONS, default="auto",
+                        help="arithmetic of the bound engine for local/reach (default auto: mixed for a model "
+                             "directory, float32 for gmm; float64 pads at ~1e-16 relative where a UNet's GroupNorms "
+                             "amplify float32's ~1e-6 padding floor until the bound fails; mixed: float64 with the "
+                             "zonotope's error coefficients in float32, their rounding bounded: on the digits UNet "
+                             "~1.5x faster than float64 a step for 0.04%% of the bound)")
     common.add_symbols_option(parser)
     common.add_refine_option(parser, help="which intervals of the zonotope engine methods a backward CROWN pass "
                                           "tightens once symbols have been boxed (as in 'diverify bounds'; default "
@@ -183,6 +188,14 @@ def _radius(value, log10_value=None) -> str:
     return f"{value:.4g}"
 
 
+def engine_precision(precision: str, denoiser: str) -> str:
+    """``--precision`` resolved: ``auto`` is ``mixed`` for a model directory (a UNet's GroupNorms amplify
+    float32's padding floor until its bound fails) and ``float32`` for the ``gmm`` mixture."""
+    if precision != "auto":
+        return precision
+    return "float32" if denoiser == "gmm" else "mixed"
+
+
 def run(args) -> int:
     import jax
 
@@ -211,7 +224,8 @@ def run(args) -> int:
         bar = tqdm(total=args.steps, desc=f"{args.method} bounds", file=sys.stderr)
         progress = bar.update
     report = lipschitz_report(chain, args.method, args.radius, lip, args.engine_method, args.distance,
-                              jax.random.PRNGKey(args.seed), progress=progress, precision=args.precision,
+                              jax.random.PRNGKey(args.seed), progress=progress,
+                              precision=engine_precision(args.precision, args.denoiser),
                               decision=decision, eager=args.eager, symbols=args.symbols, refine=args.refine)
     if bar is not None:
         bar.close()

@@ -420,3 +420,14 @@ def test_cli_json_and_errors(tmp_path, capsys):
         code, _ = run_cli(["lipschitz", "--steps", "2"] + argv)
         assert code != 0
         assert message in capsys.readouterr().err
+
+
+def test_cli_precision_auto_is_mixed_for_a_model_directory_and_float32_for_the_mixture():
+    from diverify.commands.lipschitz import engine_precision
+
+    assert engine_precision("auto", "runs/digits") == "mixed"
+    assert engine_precision("auto", "gmm") == "float32"
+    assert engine_precision("float64", "gmm") == "float64" and engine_precision("float32", "runs/digits") == "float32"
+    code, text = run_cli(["lipschitz", "--denoiser", "gmm", "--steps", "2", "--method", "local", "--radius", "0.01",
+                          "--json"])
+    assert code == 0 and json.loads(text)["precision"] == "float32"
