@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from diverify.bounds import elementwise, relaxations, zonotope
 from diverify.bounds.graph import Const, Graph, Node
 from diverify.bounds.interval import intersect, node_interval
-from diverify.bounds.ops import bounded_function, kind, linear_offset, linear_part, relaxed_inputs
+from diverify.bounds.ops import bounded_function, kind, linear_offset, linear_part, offset_free, relaxed_inputs
 from diverify.bounds.synthetic import simplex_weights
 
 
@@ -132,13 +132,14 @@ def _simplex_backward(node: Node, a_out, bounds):
 
 
 def _transpose(node: Node, dtype, cache: dict | None = None):
-    """The transpose (``vjp``) of an affine node's linear part and its offsets ``f(0)``,
-    shared through ``cache`` like :func:`relaxation`."""
+    """The transpose (``vjp``) of an affine node's linear part and its offsets ``f(0)`` (None where
+    :func:`~diverify.bounds.ops.offset_free` knows them to be 0: no pass over the rows for a zero
+    bias), shared through ``cache`` like :func:`relaxation`."""
     if cache is not None and id(node) in cache:
         return cache[id(node)]
     zeros = [jnp.zeros(node.in_avals[i].shape, dtype) for i in node.bounded_inputs]
     _, vjp = jax.vjp(linear_part(node), *zeros)
-    out = (vjp, linear_offset(node))
+    out = (vjp, None if offset_free(node) else linear_offset(node))
     if cache is not None:
         cache[id(node)] = out
     return out
@@ -154,7 +155,7 @@ def node_backward(node: Node, a_outs, bounds, alpha=None, cache: dict | None = N
     if k == "linear":
         vjp, offsets = _transpose(node, a_outs[0].dtype, cache)
         a_ins = jax.vmap(vjp)(tuple(a_outs))
-        bias = sum(_rowsum(a * off[None]) for a, off in zip(a_outs, offsets))
+        bias = 0.0 if offsets is None else sum(_rowsum(a * off[None]) for a, off in zip(a_outs, offsets))
         return dict(zip(positions, a_ins)), bias
     (a_out,) = a_outs
     r = relaxation(node, bounds, alpha, cache)

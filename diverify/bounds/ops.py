@@ -20,7 +20,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diverify.bounds.elementwise import is_unary
 from diverify.bounds.graph import Const, Node
@@ -120,6 +122,21 @@ def linear_offset(node: Node):
     """``f(0)``: the constant part of an affine node (one array per output)."""
     zeros = [jnp.zeros(node.in_avals[i].shape, node.in_avals[i].dtype) for i in node.bounded_inputs]
     return bounded_function(node)(*zeros)
+
+
+def offset_free(node: Node) -> bool:
+    """Whether an affine node's ``f(0)`` is 0, decided at trace time: a multiplicative node is linear in
+    its perturbed operand, and a structural or signed one jointly in its non-index operands, so ``f(0)``
+    is 0 when every constant among those is (their values are concrete while tracing). Most affine
+    nodes of a model are so (products with weights, reshapes, sums); a bias ``add`` is not."""
+    if node.name in MULTIPLICATIVE:
+        return True
+    index = _index_positions(node)
+    try:
+        return not any(isinstance(v, Const) and i not in index and np.any(np.asarray(v.value) != 0)
+                       for i, v in enumerate(node.inputs))
+    except jax.errors.TracerArrayConversionError:  # a constant only known inside a trace
+        return False
 
 
 def linear_part(node: Node, dtype=None):

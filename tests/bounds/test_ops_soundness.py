@@ -94,3 +94,35 @@ def test_a_small_end_next_to_a_huge_radius_is_kept(method):
     assert float(res.intermediates[next(k for k in res.intermediates if k.endswith(":add"))].lower.min()) >= 1.0
     check_sound(fn, s, res.output, jax.random.PRNGKey(7))
     assert float(res.output.upper.max()) <= 1.0 + 1e-6
+
+
+def test_offset_free_is_claimed_only_where_the_offset_is_zero():
+    """CROWN skips the bias pass of affine nodes whose ``f(0)`` :func:`~diverify.bounds.ops.offset_free`
+    knows to be 0. It must never claim that of a node with a constant part (a bias ``add``, a constant
+    piece of a concatenation, a ``sub`` of a constant), and it claims it of products with weights, of
+    structural nodes and of constants that are all zeros."""
+    import numpy as np
+
+    from diverify.bounds.graph import trace
+    from diverify.bounds.ops import kind, linear_offset, offset_free
+
+    def f(x):
+        h = x @ W  # dot_general with weights
+        h = jnp.concatenate([h, jnp.zeros(1), jnp.ones(1)])  # one constant piece that is not 0
+        h = jnp.concatenate([h, jnp.zeros(2)]).reshape(3, 3) * 2.0  # only zeros added
+        h = h + jnp.arange(3.0) - 0.5  # bias add, sub of a constant
+        return jnp.sum(h, axis=0) + x[:3]  # reduce, add of two perturbed values
+
+    graph = trace(f, [jnp.ones(6)], [True])
+    claimed, kept = set(), set()
+    for node in graph.nodes:
+        if kind(node) != "linear":
+            continue
+        zero = all(not np.any(np.asarray(o)) for o in linear_offset(node))
+        if offset_free(node):
+            assert zero, node.name
+            claimed.add(node.name)
+        else:
+            kept.add(node.name)
+    assert {"dot_general", "reshape", "mul", "reduce_sum"} <= claimed
+    assert {"concatenate", "add", "sub"} <= kept
