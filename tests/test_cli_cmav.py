@@ -88,3 +88,10 @@ def test_refine_choices_are_the_engine_scopes():
     from diverify.commands._cmav_args import REFINE_CHOICES
 
     assert REFINE_CHOICES == list(REFINE_SCOPES)
+
+
+def test_the_cli_offers_the_engines_precisions():
+    from diverify.bounds.api import PRECISIONS
+    from diverify.commands import _cmav_args
+
+    assert _cmav_args.PRECISIONS == PRECISIONS

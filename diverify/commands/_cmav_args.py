@@ -24,8 +24,13 @@ def add_prompt_options(parser: argparse.ArgumentParser, positions_required: bool
     parser.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
 
 
+#: The bound engine's arithmetics (``diverify.bounds.api.PRECISIONS``, repeated here so that building the
+#: parsers does not import JAX).
+PRECISIONS = ("float32", "float64", "mixed")
+
+
 def add_precision_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--precision", default="float32", choices=["float32", "float64", "mixed"],
+    parser.add_argument("--precision", default="float32", choices=PRECISIONS,
                         help="arithmetic of the bound computation (default float32). float64 is much tighter at "
                              "small eps, where float32's rounding, padded for soundness, dominates the width (MiniLM, "
                              "1 layer, 1e-5: 1.03x the true range vs 1.95x); it bounds the model in exact "

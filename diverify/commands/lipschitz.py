@@ -52,9 +52,6 @@ examples:
   diverify lipschitz --denoiser runs/digits --sampler ddpm --steps 25 --method global --plot lip.png
 """
 
-#: The engine's arithmetics ``--precision`` names besides ``auto``.
-PRECISIONS = ("float32", "float64", "mixed")
-
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("lipschitz", help=HELP, description=DESCRIPTION, epilog=EPILOG,
@@ -77,7 +74,7 @@ def register(subparsers) -> None:
     parser.add_argument("--engine-method", default="zonotope",
                         help="bound-engine method for local/reach: ibp, forward, zonotope, crown-ibp, crown-forward, "
                              "crown-zonotope, crown, alpha-crown (default zonotope)")
-    parser.add_argument("--precision", choices=("auto",) + PRECISIONS, default="auto",
+    parser.add_argument("--precision", choices=("auto",) + common.PRECISIONS, default="auto",
                         help="arithmetic of the bound engine for local/reach (default auto: mixed for a model "
                              "directory, float32 for gmm; float64 pads at ~1e-16 relative where a UNet's GroupNorms "
                              "amplify float32's ~1e-6 padding floor until the bound fails; mixed: float64 with the "
