@@ -12,7 +12,7 @@ from diverify.bounds import relaxations
 
 _DIRECT = frozenset({
     "exp", "log", "tanh", "logistic", "erf", "sqrt", "rsqrt", "abs", "relu", "reciprocal",
-    "square", "gelu_erf", "gelu_tanh", "quick_gelu",
+    "square", "gelu_erf", "gelu_tanh", "quick_gelu", "softplus",
 })
 _SCALED = {"silu": ("quick_gelu", 1.0 / 1.702, 1.702)}
 

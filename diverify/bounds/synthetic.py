@@ -8,7 +8,7 @@ so a user's own softmax or GELU is found as long as it traces the same way.
 
 What a match becomes:
 
-* elementwise activations (GELU exact and tanh, quick-GELU, SiLU) become one
+* elementwise activations (GELU exact and tanh, quick-GELU, SiLU, softplus) become one
   *unary* node with the activation's name; :mod:`diverify.bounds.elementwise`
   relaxes it as a whole, which is far tighter than relaxing ``x * erfc(..)``
   as a product;
@@ -116,6 +116,7 @@ UNARY_IMPLS: dict[str, Callable] = {
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "silu": jax.nn.silu,
+    "softplus": jax.nn.softplus,
 }
 
 
@@ -156,6 +157,7 @@ def _patterns() -> tuple[_Pattern, ...]:
         _pattern("gelu_erf", functools.partial(jax.nn.gelu, approximate=False)),
         _pattern("quick_gelu", UNARY_IMPLS["quick_gelu"]),
         _pattern("silu", lambda x: x * jax.nn.sigmoid(x)),
+        _pattern("softplus", jax.nn.softplus),
     )
 
 

@@ -25,6 +25,14 @@ def test_gelu_is_one_node_however_it_is_written():
     assert names(jax.nn.silu, (4,)) == ["silu"]
 
 
+def test_softplus_is_one_node_and_the_activations_built_on_it_follow():
+    # jax.nn.softplus is logaddexp(x, 0): a max, an abs, exp, log1p and a NaN test (`ne`), none of
+    # which is boundable alone; recognised, it is the convex softplus relaxation.
+    assert names(jax.nn.softplus, (2, 3)) == ["softplus"]
+    assert names(jax.nn.mish, (4,)) == ["softplus", "tanh", "mul"]
+    assert "softplus" in names(jax.nn.log_sigmoid, (4,))
+
+
 def test_softmax_becomes_pairwise_form_with_no_max():
     ops = names(lambda x: jax.nn.softmax(x, axis=-1), (2, 3))
     assert "reduce_max" not in ops and "exp" in ops and "reciprocal" in ops

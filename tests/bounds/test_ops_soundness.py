@@ -40,6 +40,8 @@ CASES = {
     "exp": (lambda x: jnp.exp(x @ W) @ V, 0.0),
     "gelu_erf": (lambda x: jax.nn.gelu(x @ W, approximate=False) @ V, 0.0),
     "gelu_tanh": (lambda x: jax.nn.gelu(x @ W, approximate=True) @ V, 0.0),
+    "softplus": (lambda x: jax.nn.softplus(x @ W) @ V, 0.0),
+    "mish": (lambda x: jax.nn.mish(x @ W) @ V, 0.0),
     "softmax": (lambda x: jax.nn.softmax(x @ W, axis=-1) @ V, 0.0),
     "softmax_axis0": (lambda x: jax.nn.softmax(x @ W, axis=0), 0.0),
     "layernorm": (lambda x: _ln(x @ W) @ V, 0.0),
