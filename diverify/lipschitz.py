@@ -96,12 +96,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from diverify import xla_options
+from diverify.bounds.api import PRECISIONS
 from diverify.diffusion.schedulers import SamplingSchedule, StepCoefficients, step_coefficients
 from diverify.errors import DiverifyError
 
 METHODS = ("global", "local", "reach")
 #: Arithmetic of the bound engine for local/reach bounds (see the module docstring).
-PRECISIONS = ("float32", "float64", "mixed")
 PRECISION = "float32"
 
 #: max_x |d/dx x sigmoid(x)| (attained at x ~ 2.3994).
