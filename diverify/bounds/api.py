@@ -29,7 +29,18 @@ order reduction has boxed error symbols (the fast method: tiny-bert compiles in 
 of 12.6 s; MiniLM's first layer at 1e-3 is 69x the true range that way instead of 21x).
 
 Precision. ``precision="float32"`` (the default) computes the bounds in the
-function's own float32 and pads every relaxation for float32 rounding.
+function's own float32 and pads every relaxation for float32 rounding. Its linear
+maps are not padded: their rounding is that of the values they add, so an output
+can leave a float32 bound by a few float32 units of the largest value summed into
+it (random compositions of every operation, every method:
+at most 2e-7 of the output scale, ``tests/bounds/random_programs.py``; issue 3's
+tests allow 1e-5), and a function that adds and then cancels a constant far larger
+than its output (``(x + 1e9) - 1e9``) gets a float32 bound of the wrong value.
+Clamps by large constants (``max(x, -1e9)``) are rewritten without that
+cancellation (:mod:`diverify.bounds.synthetic`) and diverify's max pooling has no
+fill to cancel (:func:`diverify.models.encoder.pool_tokens`); a maximum over
+values among which a user put huge fills still cancels them: bound such a
+function in float64 or mixed.
 ``precision="float64"`` traces and bounds the function in float64 (inputs and
 captured weights are promoted; the padding shrinks to float64's ulp) and
 rounds the results outward to float32. It bounds the function in exact

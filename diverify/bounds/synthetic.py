@@ -22,7 +22,8 @@ What a match becomes:
   ``axis`` so that a method may use that equality (the zonotope method does).
 
 A light normalisation pass then rewrites the remaining primitives into the
-few node kinds the methods know: ``max(x, c)`` -> ``relu``, ``div(a, y)``
+few node kinds the methods know: ``max(x, c)`` -> ``relu``, a maximum of perturbed values (``max``,
+``reduce_max``, their ``min`` twins) -> pairwise ``a + relu(b - a)``, ``div(a, y)``
 with a perturbed ``y`` -> ``a * reciprocal(y)``, ``erfc`` -> ``1 - erf``,
 ``x * x`` -> ``square``, identities dropped.
 """
@@ -312,9 +313,12 @@ def _unary_node(name: str, x, like: Node, builder) -> Node:
 
 
 def _inline_fn(builder, fn: Callable, x, out_id: int, *extra) -> tuple:
-    """Inline the graph of ``fn(x, *extra)`` (extra: constants) so that its result is ``out_id``."""
-    aval = builder.avals[x]
-    closed = jax.make_jaxpr(fn)(jnp.zeros(aval.shape, aval.dtype), *[e.value for e in extra])
+    """Inline the graph of ``fn(x, *extra)`` (extra: constants or values of the graph) so that its
+    result is ``out_id``."""
+    def example(v):
+        return v.value if isinstance(v, Const) else jnp.zeros(builder.avals[v].shape, builder.avals[v].dtype)
+
+    closed = jax.make_jaxpr(fn)(example(x), *[example(e) for e in extra])
     saved = builder.nodes
     builder.nodes = []
     (out,) = builder.inline(closed.jaxpr, closed.consts, [x, *extra])
@@ -351,15 +355,61 @@ def _normalise_node(n: Node, builder) -> tuple:
         x, c = (ins[0], ins[1]) if isinstance(ins[1], Const) else (ins[1], ins[0])
         if _is_zero(c):
             return (_unary_node("relu", x, n, builder),)
-        return _inline_fn(builder, lambda x, c: jax.nn.relu(x - c) + c, x, n.outputs[0], c)
+        return _inline_fn(builder, (lambda x, c: c + jax.nn.relu(x - c)) if _small(c) else _larger, x, n.outputs[0], c)
     if n.name == "min" and len(ins) == 2 and sum(isinstance(v, Const) for v in ins) == 1:
         x, c = (ins[0], ins[1]) if isinstance(ins[1], Const) else (ins[1], ins[0])
-        return _inline_fn(builder, lambda x, c: c - jax.nn.relu(c - x), x, n.outputs[0], c)
+        return _inline_fn(builder, (lambda x, c: c - jax.nn.relu(c - x)) if _small(c) else _smaller, x, n.outputs[0], c)
+    if n.name in ("max", "min") and len(ins) == 2 and not any(isinstance(v, Const) for v in ins):
+        return _inline_fn(builder, _larger if n.name == "max" else _smaller, ins[0], n.outputs[0], ins[1])
+    if n.name in ("reduce_max", "reduce_min") and not isinstance(ins[0], Const):
+        axes = tuple(n.params["axes"])
+        return _inline_fn(builder, functools.partial(_tree_max if n.name == "reduce_max" else _tree_min, axes=axes),
+                          ins[0], n.outputs[0])
     if n.name == "div" and not isinstance(ins[1], Const):
         return _times_reciprocal(n, builder)
     if n.name == "erfc":
         return _inline_fn(builder, lambda x: 1.0 - jax.lax.erf(x), ins[0], n.outputs[0])
     return (n,)
+
+
+def _small(c: Const) -> bool:
+    """Whether the constant of ``max(x, c)`` / ``min(x, c)`` is at most 1 in magnitude (see :func:`_larger`)."""
+    return bool(np.all(np.abs(np.asarray(c.value)) <= 1.0))
+
+
+def _larger(a, b):
+    """``max(a, b) = a + relu(b - a)``, exact in real arithmetic, with the relu's relaxation.
+
+    In this order a ``b`` far below ``a`` costs no cancellation: ``relu(b - a)`` is exactly 0 there
+    (a clamp ``max(x, -1e9)``, a masked token's fill at the end of a max pooling). The form
+    ``c + relu(x - c)`` computes ``-1e9 + (x + 1e9)`` there, and the float32 rounding of those
+    offsets (~64) is not padded: until stop 34 ``max(x, -1e9)`` bounded ``x = 0.3`` by [0, 0] in
+    float32. That form stays for constants ``|c| <= 1`` (a DDIM clip to [-1, 1]), where its
+    rounding is that of the output and interval arithmetic gets the saturated side exactly. A ``b``
+    far *above* ``a`` still cancels; see "Precision" in :mod:`diverify.bounds.api`."""
+    return a + jax.nn.relu(b - a)
+
+
+def _smaller(a, b):
+    """``min(a, b) = a - relu(a - b)``: no cancellation for a ``b`` far above ``a`` (``min(x, 1e9)``)."""
+    return a - jax.nn.relu(a - b)
+
+
+def _tree_max(x, axes: tuple):
+    """``max`` over ``axes`` as a tree of pairwise :func:`_larger` (the first half against the
+    second, log2(n) levels): the form whose relaxations bound a maximum."""
+    for axis in sorted(axes, reverse=True):
+        while x.shape[axis] > 1:
+            n = x.shape[axis]
+            half = n // 2
+            pairs = _larger(jax.lax.slice_in_dim(x, 0, half, axis=axis), jax.lax.slice_in_dim(x, half, 2 * half, axis=axis))
+            x = pairs if n % 2 == 0 else jnp.concatenate([pairs, jax.lax.slice_in_dim(x, n - 1, n, axis=axis)], axis)
+        x = jnp.squeeze(x, axis)
+    return x
+
+
+def _tree_min(x, axes: tuple):
+    return -_tree_max(-x, axes)
 
 
 def _times_reciprocal(n: Node, builder) -> tuple:

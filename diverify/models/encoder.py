@@ -54,7 +54,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 #: sentence-transformers module types and what they become here.
 _ST_TRANSFORMER, _ST_POOLING, _ST_NORMALIZE = "Transformer", "Pooling", "Normalize"
 
-#: Fill value of padded positions before max pooling, as sentence-transformers uses.
+#: sentence-transformers' fill value of padded positions before max pooling (here: the max pooling of
+#: a row without any unmasked token).
 MAX_POOL_FILL = -1e9
 
 
@@ -199,7 +200,13 @@ def pool_tokens(hidden: jax.Array, mask, pooling: str) -> jax.Array:
         if mode == "cls":
             parts.append(hidden[:, 0])
         elif mode == "max":
-            parts.append(jnp.max(jnp.where(weights > 0, hidden, MAX_POOL_FILL), axis=1))
+            # Masked rows take the first unmasked row's values: the same maximum as
+            # sentence-transformers' -1e9 fill, without a -1e9 for the bound engine to subtract
+            # from hidden states; a row with no unmasked token gets the fill itself.
+            first = xp.argmax(mask, axis=1)[:, None, None]
+            fill = jnp.take_along_axis(hidden, first, axis=1)
+            pooled = jnp.max(jnp.where(weights > 0, hidden, fill), axis=1)
+            parts.append(jnp.where(weights.sum(axis=1) > 0, pooled, MAX_POOL_FILL))
         elif mode == "mean":
             parts.append((hidden * weights).sum(axis=1) / count)
         elif mode == "mean_sqrt_len":

@@ -33,6 +33,13 @@ def test_softplus_is_one_node_and_the_activations_built_on_it_follow():
     assert "softplus" in names(jax.nn.log_sigmoid, (4,))
 
 
+def test_a_maximum_of_perturbed_values_becomes_pairwise_relus():
+    ops = names(lambda x: jnp.max(x, axis=1), (2, 5))  # 5 -> 3 -> 2 -> 1: three levels of pairs
+    assert "reduce_max" not in ops and ops.count("relu") == 3
+    assert names(lambda x: jnp.maximum(x[0], x[1]), (2, 3)).count("relu") == 1
+    assert "reduce_min" not in names(lambda x: jnp.min(x), (2, 3))
+
+
 def test_softmax_becomes_pairwise_form_with_no_max():
     ops = names(lambda x: jax.nn.softmax(x, axis=-1), (2, 3))
     assert "reduce_max" not in ops and "exp" in ops and "reciprocal" in ops

@@ -59,6 +59,9 @@ CASES = {
     "reshape_transpose": (lambda x: (x.reshape(6, 3).T @ W[:6]).reshape(-1), 0.0),
     "gather_concat": (lambda x: jnp.concatenate([x[jnp.array([2, 0, 2])], x[:, ::-1]], axis=0) @ W, 0.0),
     "max_min_const": (lambda x: jnp.maximum(x @ W, 0.3) - jnp.minimum(x @ W, -0.2), 0.0),
+    "max_min_const_large": (lambda x: jnp.maximum(2.0 * x @ W, -1.5) - jnp.clip(x @ W, -3.0, 2.0), 0.0),
+    "max_reductions": (lambda x: jnp.concatenate([jnp.max(x @ W, axis=0), jnp.min(x @ W, axis=1),
+                                                  jnp.maximum(x[0], x[2])]), 0.0),
 }
 
 
@@ -96,6 +99,18 @@ def test_a_small_end_next_to_a_huge_radius_is_kept(method):
     assert float(res.intermediates[next(k for k in res.intermediates if k.endswith(":add"))].lower.min()) >= 1.0
     check_sound(fn, s, res.output, jax.random.PRNGKey(7))
     assert float(res.output.upper.max()) <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_clamps_with_huge_constants_keep_the_value_in_float32(method):
+    """``max(x, -1e9)``, ``min(x, 1e9)`` and a clip to +-1e8 are ``x`` itself for ordinary ``x``. As
+    ``c + relu(x - c)`` the bound computed ``-1e9 + (x + 1e9)`` in float32 and came out as [0, 0]
+    for ``x = 0.3``; as ``x + relu(c - x)`` it is ``x``'s own interval."""
+    x0 = jnp.array([0.3, -0.7, 1.1])
+    fns = [lambda x: jnp.maximum(x, -1e9), lambda x: jnp.minimum(x, 1e9), lambda x: jnp.clip(x, -1e8, 1e8)]
+    for fn in fns:
+        out = bound(fn, lp_ball(x0, 1e-3), method=method).output
+        assert jnp.allclose(out.lower, x0 - 1e-3, atol=1e-6) and jnp.allclose(out.upper, x0 + 1e-3, atol=1e-6)
 
 
 def test_offset_free_is_claimed_only_where_the_offset_is_zero():
