@@ -355,9 +355,13 @@ def _normalise_node(n: Node, builder) -> tuple:
         x, c = (ins[0], ins[1]) if isinstance(ins[1], Const) else (ins[1], ins[0])
         if _is_zero(c):
             return (_unary_node("relu", x, n, builder),)
+        if np.all(np.asarray(c.value) == -np.inf):  # a reduction's initial value (log_softmax's max)
+            return _inline_fn(builder, lambda x: x + 0.0, x, n.outputs[0])
         return _inline_fn(builder, (lambda x, c: c + jax.nn.relu(x - c)) if _small(c) else _larger, x, n.outputs[0], c)
     if n.name == "min" and len(ins) == 2 and sum(isinstance(v, Const) for v in ins) == 1:
         x, c = (ins[0], ins[1]) if isinstance(ins[1], Const) else (ins[1], ins[0])
+        if np.all(np.asarray(c.value) == np.inf):
+            return _inline_fn(builder, lambda x: x + 0.0, x, n.outputs[0])
         return _inline_fn(builder, (lambda x, c: c - jax.nn.relu(c - x)) if _small(c) else _smaller, x, n.outputs[0], c)
     if n.name in ("max", "min") and len(ins) == 2 and not any(isinstance(v, Const) for v in ins):
         return _inline_fn(builder, _larger if n.name == "max" else _smaller, ins[0], n.outputs[0], ins[1])

@@ -38,6 +38,8 @@ def test_a_maximum_of_perturbed_values_becomes_pairwise_relus():
     assert "reduce_max" not in ops and ops.count("relu") == 3
     assert names(lambda x: jnp.maximum(x[0], x[1]), (2, 3)).count("relu") == 1
     assert "reduce_min" not in names(lambda x: jnp.min(x), (2, 3))
+    # log_softmax's max(reduce_max(x), -inf) (the reduction's initial value) is the identity
+    assert "max" not in names(lambda x: jax.nn.log_softmax(x), (2, 3))
 
 
 def test_softmax_becomes_pairwise_form_with_no_max():
