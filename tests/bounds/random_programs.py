@@ -3,8 +3,9 @@
 The per-operation tests (``test_ops_soundness.py``) fix one operation, one radius and one method.
 Here a seed draws a whole problem: a program of 2-5 blocks (activations, LayerNorm with eps down to
 1e-12, GroupNorm + SiLU, attention with and without a mask, residual GELU MLPs, products of two
-perturbed values, division, sqrt/log, softmax along either axis, clipping, a convolution), an
-l_inf / l_2 / l_1 ball of radius 1e-5..0.3 on every row or on one row, an engine method, a precision
+perturbed values, division, sqrt/log, softmax along either axis, clipping, clamps by constants
+far from the values, maxima over an axis and of two values, a convolution), an
+l_inf / l_2 / l_1 ball of radius 1e-5..0.3 on every row or on one row, an engine method, a precision,
 a symbol budget small enough to force order reductions, and in some problems a random ``spec``
 matrix ``C`` (the bounds are then of ``C f(x)``). The program is evaluated in float64 at
 interior points, corners and sign-gradient attack points of the set.
@@ -46,7 +47,7 @@ _ACTIVATIONS = {
     "abs": jnp.abs,
 }
 BLOCKS = ("activation", "layernorm", "groupnorm", "attention", "residual", "product", "division", "sqrt_log",
-          "softmax", "clip", "conv")
+          "softmax", "clip", "clamp", "max", "conv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +122,12 @@ def _block(rng: np.random.Generator, kind: str, rows: int, d: int) -> tuple[str,
     if kind == "clip":
         w = weight(d, d)
         return "clip", lambda x: jnp.clip(x @ w, -0.5, 0.5) + jnp.maximum(x, 0.1)
+    if kind == "clamp":  # constants far from the values: no cancellation may reach the bound
+        w = weight(d, d)
+        return "clamp", lambda x: jnp.maximum(x @ w, -1e9) + jnp.clip(x, -1e8, 1e8) + jax.nn.relu6(x)
+    if kind == "max":
+        w, axis = weight(d, d), int(rng.integers(0, 2))
+        return f"max(axis {axis})", lambda x: x + jnp.max(x @ w, axis=axis, keepdims=True) - jnp.maximum(x, x[::-1])
     if kind == "conv":
         k = rng.normal(size=(3, 1, 1, 1)) / 2
 
