@@ -228,6 +228,8 @@ def main(argv: list[str]) -> None:
     for seed in range(start, stop):
         problem = draw(seed)
         result = check(problem)
+        print(f"[{seed - start + 1}/{stop - start}] {problem.describe()}: "
+              f"{'refused' if 'refused' in result else format(result['excess'], '.2g')}", file=sys.stderr, flush=True)
         if "refused" in result:
             refused += 1
             continue
