@@ -376,9 +376,15 @@ def _normalise_node(n: Node, builder) -> tuple:
     return (n,)
 
 
+#: ``max(x, c)`` / ``min(x, c)`` with constants up to this magnitude keep the form ``c +- relu(..)`` (see
+#: :func:`_larger`): interval arithmetic gets it exactly, and its cancellation costs at most ~1e-5 absolute
+#: in float32. The softmax's :data:`EXP_CLIP` must stay below it, or wide intervals would overflow ``exp``.
+SMALL_CLAMP = 100.0
+
+
 def _small(c: Const) -> bool:
-    """Whether the constant of ``max(x, c)`` / ``min(x, c)`` is at most 1 in magnitude (see :func:`_larger`)."""
-    return bool(np.all(np.abs(np.asarray(c.value)) <= 1.0))
+    """Whether the constant of ``max(x, c)`` / ``min(x, c)`` is at most :data:`SMALL_CLAMP` in magnitude."""
+    return bool(np.all(np.abs(np.asarray(c.value)) <= SMALL_CLAMP))
 
 
 def _larger(a, b):
@@ -388,9 +394,11 @@ def _larger(a, b):
     (a clamp ``max(x, -1e9)``, a masked token's fill at the end of a max pooling). The form
     ``c + relu(x - c)`` computes ``-1e9 + (x + 1e9)`` there, and the float32 rounding of those
     offsets (~64) is not padded: until stop 34 ``max(x, -1e9)`` bounded ``x = 0.3`` by [0, 0] in
-    float32. That form stays for constants ``|c| <= 1`` (a DDIM clip to [-1, 1]), where its
-    rounding is that of the output and interval arithmetic gets the saturated side exactly. A ``b``
-    far *above* ``a`` still cancels; see "Precision" in :mod:`diverify.bounds.api`."""
+    float32. That form stays for constants up to :data:`SMALL_CLAMP` (a DDIM clip to [-1, 1], the
+    softmax's :data:`EXP_CLIP`): interval arithmetic gets ``c + relu(x - c)`` exactly, and
+    ``x + relu(c - x)`` only up to ``x``'s width where the relu's input straddles 0 (an ``exp`` after
+    ``min(d, EXP_CLIP)`` overflowed that way on wide intervals). A ``b`` far *above* ``a`` still
+    cancels; see "Precision" in :mod:`diverify.bounds.api`."""
     return a + jax.nn.relu(b - a)
 
 

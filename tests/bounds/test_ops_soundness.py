@@ -59,7 +59,7 @@ CASES = {
     "reshape_transpose": (lambda x: (x.reshape(6, 3).T @ W[:6]).reshape(-1), 0.0),
     "gather_concat": (lambda x: jnp.concatenate([x[jnp.array([2, 0, 2])], x[:, ::-1]], axis=0) @ W, 0.0),
     "max_min_const": (lambda x: jnp.maximum(x @ W, 0.3) - jnp.minimum(x @ W, -0.2), 0.0),
-    "max_min_const_large": (lambda x: jnp.maximum(2.0 * x @ W, -1.5) - jnp.clip(x @ W, -3.0, 2.0), 0.0),
+    "max_min_const_large": (lambda x: jnp.maximum(300.0 * x @ W, -150.0) - jnp.clip(300.0 * x @ W, -300.0, 200.0), 0.0),
     "log_softmax": (lambda x: jax.nn.log_softmax(x @ W, axis=-1), 0.0),
     "max_reductions": (lambda x: jnp.concatenate([jnp.max(x @ W, axis=0), jnp.min(x @ W, axis=1),
                                                   jnp.maximum(x[0], x[2])]), 0.0),
