@@ -351,18 +351,8 @@ def _normalise_node(n: Node, builder) -> tuple:
         return (dataclasses.replace(n, name="square", primitive=Unary("square", UNARY_IMPLS["square"]), inputs=(ins[0],), in_avals=n.in_avals[:1]),)
     if n.name == "integer_pow" and n.params.get("y") == 2:
         return (dataclasses.replace(n, name="square", primitive=Unary("square", UNARY_IMPLS["square"]), params={}),)
-    if n.name == "max" and len(ins) == 2 and sum(isinstance(v, Const) for v in ins) == 1:
-        x, c = (ins[0], ins[1]) if isinstance(ins[1], Const) else (ins[1], ins[0])
-        if _is_zero(c):
-            return (_unary_node("relu", x, n, builder),)
-        if np.all(np.asarray(c.value) == -np.inf):  # a reduction's initial value (log_softmax's max)
-            return _inline_fn(builder, lambda x: x + 0.0, x, n.outputs[0])
-        return _inline_fn(builder, (lambda x, c: c + jax.nn.relu(x - c)) if _small(c) else _larger, x, n.outputs[0], c)
-    if n.name == "min" and len(ins) == 2 and sum(isinstance(v, Const) for v in ins) == 1:
-        x, c = (ins[0], ins[1]) if isinstance(ins[1], Const) else (ins[1], ins[0])
-        if np.all(np.asarray(c.value) == np.inf):
-            return _inline_fn(builder, lambda x: x + 0.0, x, n.outputs[0])
-        return _inline_fn(builder, (lambda x, c: c - jax.nn.relu(c - x)) if _small(c) else _smaller, x, n.outputs[0], c)
+    if n.name in ("max", "min") and len(ins) == 2 and sum(isinstance(v, Const) for v in ins) == 1:
+        return _clamp(n, builder)
     if n.name in ("max", "min") and len(ins) == 2 and not any(isinstance(v, Const) for v in ins):
         return _inline_fn(builder, _larger if n.name == "max" else _smaller, ins[0], n.outputs[0], ins[1])
     if n.name in ("reduce_max", "reduce_min") and not isinstance(ins[0], Const):
@@ -385,6 +375,24 @@ SMALL_CLAMP = 100.0
 def _small(c: Const) -> bool:
     """Whether the constant of ``max(x, c)`` / ``min(x, c)`` is at most :data:`SMALL_CLAMP` in magnitude."""
     return bool(np.all(np.abs(np.asarray(c.value)) <= SMALL_CLAMP))
+
+
+def _clamp(n: Node, builder) -> tuple:
+    """``max(x, c)`` / ``min(x, c)`` with a constant ``c``: a relu for ``max(x, 0)``, the identity for
+    ``max(x, -inf)`` / ``min(x, inf)`` (a reduction's initial value: log_softmax's max), else
+    ``c +- relu(+-(x - c))`` for constants up to :data:`SMALL_CLAMP` and :func:`_larger` /
+    :func:`_smaller` beyond (why: :func:`_larger`)."""
+    x, c = (n.inputs[0], n.inputs[1]) if isinstance(n.inputs[1], Const) else (n.inputs[1], n.inputs[0])
+    sign = 1.0 if n.name == "max" else -1.0
+    if sign > 0 and _is_zero(c):
+        return (_unary_node("relu", x, n, builder),)
+    if np.all(np.asarray(c.value) == -sign * np.inf):
+        return _inline_fn(builder, lambda x: x + 0.0, x, n.outputs[0])
+    if _small(c):
+        form = (lambda x, c: c + jax.nn.relu(x - c)) if sign > 0 else (lambda x, c: c - jax.nn.relu(c - x))
+    else:
+        form = _larger if sign > 0 else _smaller
+    return _inline_fn(builder, form, x, n.outputs[0], c)
 
 
 def _larger(a, b):
