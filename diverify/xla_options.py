@@ -16,6 +16,19 @@ there (the digits UNet's step bound: 14 s a step with them, 25 s without; the
 instead of 10.2 GB peak). So the options apply to float32 programs only (see
 ``benchmarks/RESULTS.md``, "Stop 21").
 
+Programs that carry forward linear bounds with interval slack (the engine's
+``forward`` intermediate bounds: methods ``forward`` and ``crown-forward``) also
+turn off XLA:CPU's fusion emitters (:data:`FORWARD_CPU_OPTIONS`). Their slack is a
+long chain of small elementwise maps, one per node, that XLA fuses into single
+kernels of ~1500 operations; the fusion emitters evaluate such a kernel with one
+call per operation and no reuse of a value read at two indices, so the work grows
+exponentially with the chain's depth. A 2 x 2 program of five blocks with two
+maxima (``tests.bounds.random_programs`` seed 11), ``forward`` in float64, compiled
+in 30 s and then ran for more than 10 min; without the fusion emitters it compiles
+in 17 s and runs in 5 ms. Only there: on tiny-BERT they cost the ``forward`` bound
+~1 s of compilation (8.5 -> 9.5 s) and CROWN's 19 -> 30 s (``benchmarks/RESULTS.md``,
+"Stop 35").
+
 The options are passed per compilation (``jax.jit(..., compiler_options=)``),
 never through ``XLA_FLAGS``, so they apply to diverify's own programs only,
 and an XLA that does not know an option (it is named "experimental") is
@@ -32,31 +45,47 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-#: XLA:CPU options diverify compiles its programs with (when the backend accepts them).
+#: XLA:CPU options diverify compiles its float32 programs with (when the backend accepts them).
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+#: XLA:CPU options of the programs whose bounds carry forward interval slack (see the module docstring).
+FORWARD_CPU_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 
-def compiler_options(dtype: Any = jnp.float32) -> dict[str, Any]:
-    """The options for a program computing in ``dtype``: :data:`CPU_OPTIONS` for float32 when this
-    process's default backend accepts them, else none."""
-    return _accepted_cpu_options() if jnp.dtype(dtype) == jnp.float32 else {}
+def compiler_options(dtype: Any = jnp.float32, forward_slack: bool = False) -> dict[str, Any]:
+    """The options for a program computing in ``dtype``: :data:`CPU_OPTIONS` for float32, and
+    :data:`FORWARD_CPU_OPTIONS` when it propagates ``forward_slack``, each when this process's
+    default backend accepts it, else none."""
+    options = dict(_accepted_cpu_options()) if jnp.dtype(dtype) == jnp.float32 else {}
+    if forward_slack:
+        options.update(_accepted_forward_options())
+    return options
+
+
+def _accepted(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` if the default backend is the CPU and its XLA accepts them, else none."""
+    if jax.default_backend() != "cpu":
+        return {}
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=options)(jnp.zeros((), jnp.float32)).block_until_ready()
+    except Exception:  # an XLA without the option: "No such compile option"
+        return {}
+    return dict(options)
 
 
 @functools.cache
 def _accepted_cpu_options() -> dict[str, Any]:
-    """:data:`CPU_OPTIONS` if the default backend is the CPU and its XLA accepts them, else none."""
-    if jax.default_backend() != "cpu":
-        return {}
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=CPU_OPTIONS)(jnp.zeros((), jnp.float32)).block_until_ready()
-    except Exception:  # an XLA without the option: "No such compile option"
-        return {}
-    return dict(CPU_OPTIONS)
+    return _accepted(CPU_OPTIONS)
 
 
-def jit(fn: Callable, dtype: Any = jnp.float32, **kwargs) -> Callable:
-    """``jax.jit(fn, **kwargs)`` with the :func:`compiler_options` of a program computing in ``dtype``."""
-    return jax.jit(fn, compiler_options=compiler_options(dtype) or None, **kwargs)
+@functools.cache
+def _accepted_forward_options() -> dict[str, Any]:
+    return _accepted(FORWARD_CPU_OPTIONS)
+
+
+def jit(fn: Callable, dtype: Any = jnp.float32, forward_slack: bool = False, **kwargs) -> Callable:
+    """``jax.jit(fn, **kwargs)`` with the :func:`compiler_options` of a program computing in ``dtype``
+    (and propagating ``forward_slack``)."""
+    return jax.jit(fn, compiler_options=compiler_options(dtype, forward_slack) or None, **kwargs)
 
 
 #: :func:`compile` releases the freed heap when the program's temporaries reach this many bytes.

@@ -18,9 +18,11 @@ def _fused(a, b):
 @pytest.fixture
 def fresh_options(monkeypatch):
     """Forget the probed options before and after the test."""
-    xla_options._accepted_cpu_options.cache_clear()
+    for probe in (xla_options._accepted_cpu_options, xla_options._accepted_forward_options):
+        probe.cache_clear()
     yield monkeypatch
-    xla_options._accepted_cpu_options.cache_clear()
+    for probe in (xla_options._accepted_cpu_options, xla_options._accepted_forward_options):
+        probe.cache_clear()
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the options are XLA:CPU options")
@@ -37,9 +39,30 @@ def test_programs_compile_without_ynnpack_fusions_and_compute_the_same(fresh_opt
     np.testing.assert_allclose(xla_options.jit(_fused)(a, b), jax.jit(_fused)(a, b), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the options are XLA:CPU options")
+def test_bounds_with_forward_slack_compile_without_the_fusion_emitters(fresh_options):
+    assert xla_options.compiler_options(jnp.float64, forward_slack=True) == xla_options.FORWARD_CPU_OPTIONS
+    assert xla_options.compiler_options(jnp.float32, forward_slack=True) == {
+        **xla_options.CPU_OPTIONS, **xla_options.FORWARD_CPU_OPTIONS}
+    ball = lp_ball(jnp.linspace(-1.0, 1.0, 6), 0.05)
+    w = jax.random.normal(jax.random.key(4), (6, 5))
+    for method, slack in [("forward", True), ("crown-forward", True), ("zonotope", False), ("crown", False)]:
+        assert compile_bounds(lambda x: jnp.tanh(x @ w), ball, method=method).forward_slack == slack
+    # The tests/bounds/test_random_programs.py::test_forward_slack_chains_compile_and_run_in_bounded_time
+    # program is the reason; here: the same bound either way.
+    ours = compile_bounds(lambda x: jnp.tanh(x @ w), ball, method="forward")(ball).output
+    fresh_options.setattr(xla_options, "FORWARD_CPU_OPTIONS", {})
+    xla_options._accepted_forward_options.cache_clear()
+    plain = compile_bounds(lambda x: jnp.tanh(x @ w), ball, method="forward")(ball).output
+    np.testing.assert_allclose(ours.lower, plain.lower, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ours.upper, plain.upper, rtol=1e-6, atol=1e-7)
+
+
 def test_an_option_xla_does_not_know_is_dropped(fresh_options):
     fresh_options.setattr(xla_options, "CPU_OPTIONS", {"xla_cpu_no_such_option_for_diverify": ""})
+    fresh_options.setattr(xla_options, "FORWARD_CPU_OPTIONS", {"xla_cpu_no_such_option_either": False})
     assert xla_options.compiler_options() == {}
+    assert xla_options.compiler_options(forward_slack=True) == {}
     a = jnp.ones((4, 4))
     np.testing.assert_allclose(xla_options.jit(_fused)(a, a), _fused(a, a), rtol=1e-6)
 

@@ -329,9 +329,15 @@ class BoundFunction:
         """The engine's float dtype (``precision``)."""
         return _dtype(self.precision)
 
+    @property
+    def forward_slack(self) -> bool:
+        """Whether the bound carries forward interval slack (``forward`` intermediate bounds), which
+        :func:`diverify.xla_options.compiler_options` compiles differently."""
+        return INTERMEDIATE[self.method] == "forward"
+
     @functools.cached_property
     def _compiled(self):
-        return xla_options.jit(self.unchecked, self.dtype)
+        return xla_options.jit(self.unchecked, self.dtype, forward_slack=self.forward_slack)
 
     @functools.cached_property
     def _executables(self) -> dict:
