@@ -23,11 +23,11 @@ long chain of small elementwise maps, one per node, that XLA fuses into single
 kernels of ~1500 operations; the fusion emitters evaluate such a kernel with one
 call per operation and no reuse of a value read at two indices, so the work grows
 exponentially with the chain's depth. A 2 x 2 program of five blocks with two
-maxima (``tests.bounds.random_programs`` seed 11), ``forward`` in float64, compiled
-in 30 s and then ran for more than 10 min; without the fusion emitters it compiles
-in 17 s and runs in 5 ms. Only there: on tiny-BERT they cost the ``forward`` bound
-~1 s of compilation (8.5 -> 9.5 s) and CROWN's 19 -> 30 s (``benchmarks/RESULTS.md``,
-"Stop 35").
+maxima (``tests.bounds.random_programs`` seed 11), ``forward`` in mixed precision,
+compiled in 28 s and then ran for more than 10 min; without the fusion emitters it
+compiles in 8.8 s and runs in 2 ms. Only there: turning them off costs tiny-BERT's
+``forward`` bound ~1 s of compilation (8.2 -> 9.2-9.9 s), but its CROWN bound 19 -> 30 s
+(``benchmarks/RESULTS.md``, "stop 35").
 
 The options are passed per compilation (``jax.jit(..., compiler_options=)``),
 never through ``XLA_FLAGS``, so they apply to diverify's own programs only,
