@@ -12,7 +12,7 @@ from diverify.bounds import relaxations
 
 _DIRECT = frozenset({
     "exp", "log", "tanh", "logistic", "erf", "sqrt", "rsqrt", "abs", "relu", "reciprocal",
-    "square", "gelu_erf", "gelu_tanh", "quick_gelu", "softplus",
+    "square", "gelu_erf", "gelu_tanh", "quick_gelu", "softplus", "finite",
 })
 _SCALED = {"silu": ("quick_gelu", 1.0 / 1.702, 1.702)}
 

@@ -440,6 +440,12 @@ def _relu_lines(l, u, alpha_lower) -> LinearBounds:
     )
 
 
+def _finite_lines(l) -> LinearBounds:
+    """``finite``: the identity on a finite interval (:func:`domain_ok` refuses any other), exact."""
+    one, flush = jnp.ones_like(l), _flush_pad(l.dtype)
+    return LinearBounds(one, -flush * one, one, flush * one)
+
+
 def _abs_lines(l, u, alpha_lower) -> LinearBounds:
     """abs: exact on one-signed intervals; on crossing ones the lower slope is
     ``2 alpha - 1`` (``|x| >= k x`` for ``|k| <= 1``) and the upper line the chord."""
@@ -562,6 +568,7 @@ def _lines_table() -> dict[str, Callable]:
         "quick_gelu": grid(_quick_gelu, _dquick_gelu, _curv_quick_gelu, _quick_gelu_weight),
         "relu": lambda l, u, al, au: _relu_lines(l, u, al),
         "abs": lambda l, u, al, au: _abs_lines(l, u, al),
+        "finite": lambda l, u, al, au: _finite_lines(l),
     }
 
 
@@ -589,12 +596,13 @@ _EVAL: dict[str, tuple[Callable, Callable | None]] = {
     "quick_gelu": (_quick_gelu, _quick_gelu_weight),
     "relu": (jax.nn.relu, None),
     "abs": (jnp.abs, None),
+    "finite": (lambda x: x, None),
 }
 
-_INCREASING = frozenset({"exp", "softplus", "integer_pow_3", "log", "sqrt", "tanh", "logistic", "erf"})
+_INCREASING = frozenset({"exp", "softplus", "integer_pow_3", "log", "sqrt", "tanh", "logistic", "erf", "finite"})
 _DECREASING = frozenset({"rsqrt", "reciprocal", "integer_pow_-1"})
 _EVEN_MIN_AT_ZERO = frozenset({"square", "integer_pow_2", "integer_pow_4", "abs"})
-_EXACT = frozenset({"relu", "abs"})
+_EXACT = frozenset({"relu", "abs", "finite"})
 _UNIMODAL_MIN = {
     "gelu_erf": (_GELU_ERF_ARGMIN, _GELU_ERF_MIN),
     "gelu_tanh": (_GELU_TANH_ARGMIN, _GELU_TANH_MIN),
@@ -711,6 +719,7 @@ def linear_bounds(name: str, l, u, alpha_lower=None, alpha_upper=None) -> Linear
     * S-shaped (tanh, logistic, erf; integer_pow_3 mirrored): alpha moves the
       tangent point from the first one whose tangent is sound to the far end;
     * relu / abs on crossing intervals: the lower slope ``alpha`` / ``2 alpha - 1``;
+    * finite (the identity where the interval is finite; refused elsewhere): exact;
     * GELU family: the slope, from the smallest (0) through the chord (0.5)
       to the largest (1) of the end derivatives.
 

@@ -118,6 +118,7 @@ UNARY_IMPLS: dict[str, Callable] = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "silu": jax.nn.silu,
     "softplus": jax.nn.softplus,
+    "finite": lambda x: x,
 }
 
 
@@ -250,7 +251,37 @@ def recognise(nodes: tuple, avals: dict, outputs: list, builder) -> tuple[tuple,
     """
     nodes, outputs = _drop_identities(nodes, outputs)
     nodes = _replace_patterns(nodes, avals, outputs, builder)
-    return _normalise(nodes, builder), outputs
+    nodes = _finite_guards(_normalise(nodes, builder), builder)
+    return _live(nodes, outputs), outputs
+
+
+def _finite_guards(nodes: tuple, builder) -> tuple:
+    """``where(isfinite(c), c, 0)`` (``select_n(is_finite(c), 0, c)``: ``jax.nn.logsumexp``'s guard of
+    its shift) -> ``finite(c)``, the identity on a finite interval. Sound: the bound of ``finite``
+    is flagged (an error) unless ``c``'s interval is finite, and then every point has a finite ``c``,
+    where the guard returns ``c``. The ``is_finite`` node is then dead (:func:`_live`)."""
+    producer = {o: n for n in nodes for o in n.outputs}
+    out = []
+    for n in nodes:
+        if n.name == "select_n" and len(n.inputs) == 3 and not isinstance(n.inputs[0], Const):
+            guard, zero, value = producer.get(n.inputs[0]), n.inputs[1], n.inputs[2]
+            if guard is not None and guard.name == "is_finite" and guard.inputs[0] == value and _is_zero(zero):
+                out.append(_unary_node("finite", value, n, builder))
+                continue
+        out.append(n)
+    return tuple(out)
+
+
+def _live(nodes: tuple, outputs: list) -> tuple:
+    """The nodes that some output depends on (in order): an unused result (``logsumexp``'s
+    ``sign``, a dead guard) is neither bounded nor required to be boundable."""
+    needed = {v for v in outputs if not isinstance(v, Const)}
+    kept = []
+    for n in reversed(nodes):
+        if any(o in needed for o in n.outputs):
+            kept.append(n)
+            needed.update(v for v in n.inputs if not isinstance(v, Const))
+    return tuple(reversed(kept))
 
 
 def _replace_patterns(nodes: tuple, avals: dict, outputs: list, builder) -> tuple:

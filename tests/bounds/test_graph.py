@@ -42,6 +42,15 @@ def test_a_maximum_of_perturbed_values_becomes_pairwise_relus():
     assert "max" not in names(lambda x: jax.nn.log_softmax(x), (2, 3))
 
 
+def test_logsumexp_guards_its_shift_with_finite_and_drops_its_unused_sign():
+    # jax.nn.logsumexp: where(isfinite(m), m, 0) around its shift m, and a `sign` of the sum that it
+    # computes and does not return. The guard becomes `finite`; is_finite and sign are dead.
+    ops = names(lambda x: jax.nn.logsumexp(x, axis=-1), (2, 3))
+    assert "finite" in ops and not {"is_finite", "select_n", "sign"} & set(ops)
+    # a result nobody reads is not bounded, so an unsupported one is no error
+    assert names(lambda x: (jnp.sign(x), x * 2.0)[1], (3,)) == ["mul"]
+
+
 def test_softmax_becomes_pairwise_form_with_no_max():
     ops = names(lambda x: jax.nn.softmax(x, axis=-1), (2, 3))
     assert "reduce_max" not in ops and "exp" in ops and "reciprocal" in ops

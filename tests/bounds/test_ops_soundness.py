@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from diverify.bounds import bound
+from diverify.errors import DiverifyError
 from diverify.specs import lp_ball
 from tests.bounds.sampling import check_sound
 
@@ -61,6 +62,7 @@ CASES = {
     "max_min_const": (lambda x: jnp.maximum(x @ W, 0.3) - jnp.minimum(x @ W, -0.2), 0.0),
     "max_min_const_large": (lambda x: jnp.maximum(300.0 * x @ W, -150.0) - jnp.clip(300.0 * x @ W, -300.0, 200.0), 0.0),
     "log_softmax": (lambda x: jax.nn.log_softmax(x @ W, axis=-1), 0.0),
+    "logsumexp": (lambda x: jnp.concatenate([jax.nn.logsumexp(3.0 * x @ W, axis=-1), jax.nn.logsumexp(x, axis=0)]), 0.0),
     "max_reductions": (lambda x: jnp.concatenate([jnp.max(x @ W, axis=0), jnp.min(x @ W, axis=1),
                                                   jnp.maximum(x[0], x[2])]), 0.0),
 }
@@ -112,6 +114,21 @@ def test_clamps_with_huge_constants_keep_the_value_in_float32(method):
     for fn in fns:
         out = bound(fn, lp_ball(x0, 1e-3), method=method).output
         assert jnp.allclose(out.lower, x0 - 1e-3, atol=1e-6) and jnp.allclose(out.upper, x0 + 1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ibp", "zonotope", "crown"])
+def test_a_finite_guard_is_the_identity_on_finite_values_and_refused_on_an_overflow(method):
+    """``where(isfinite(y), y, 0)`` (logsumexp's guard of its shift) is bounded as ``y`` where ``y``'s
+    interval is finite (then every point's ``y`` is finite and the guard returns it), and refused
+    where it is not: a bound that took the guard for the identity would miss the 0 at overflowing points."""
+    x0 = jnp.array([0.3, -0.7, 1.1])
+    out = bound(lambda x: jnp.where(jnp.isfinite(x), x, 0.0), lp_ball(x0, 1e-3), method=method).output
+    assert jnp.allclose(out.lower, x0 - 1e-3, atol=1e-6) and jnp.allclose(out.upper, x0 + 1e-3, atol=1e-6)
+    def overflow(x):  # 1e38 x overflows float32 (to inf, guarded to 0) for x >= 3.41
+        y = x * 1e38
+        return jnp.where(jnp.isfinite(y), y, 0.0) * 1e-38
+    with pytest.raises(DiverifyError, match="cannot bound 'finite'"):
+        bound(overflow, lp_ball(jnp.array([1.0, 4.0]), 0.5), method=method)
 
 
 def test_offset_free_is_claimed_only_where_the_offset_is_zero():

@@ -59,6 +59,7 @@ REF = {
     "quick_gelu": lambda x: x * _logistic64(1.702 * x),
     "relu": lambda x: np.maximum(x, 0.0),
     "abs": np.abs,
+    "finite": lambda x: x,
 }
 SPECIAL = [0.0, -0.7517915246935645, -0.7524614220710163, -0.751154255441289, -1.4142135623730951, 1.4142135623730951, -2.0, 2.0]
 POSITIVE = {"log", "sqrt", "rsqrt"}

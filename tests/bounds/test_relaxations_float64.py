@@ -49,6 +49,7 @@ MP = {
     "quick_gelu": lambda x: x * _logistic(mp.mpf("1.702") * x),
     "relu": lambda x: max(x, mp.zero),
     "abs": abs,
+    "finite": lambda x: x,
 }
 POSITIVE = {"log", "sqrt", "rsqrt"}
 ONE_SIGNED = {"reciprocal", "integer_pow_-1", "integer_pow_-2"}
