@@ -642,7 +642,7 @@ def compile_step_bound(chain: Chain, in_set: Any, engine_method: str,
     need = 0
     if not eager:
         with bf.context():
-            run = xla_options.compile(xla_options.jit(run, bf.dtype, forward_slack=bf.forward_slack).lower(in_set, Box(k, k)))
+            run = xla_options.compile(bf.jit(run).lower(in_set, Box(k, k)))
         mem = run.memory_analysis()
         need = 0 if mem is None else int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes)
     exe, l2_exe = (None, run) if l2 else (run, None)

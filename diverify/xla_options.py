@@ -55,31 +55,23 @@ def compiler_options(dtype: Any = jnp.float32, forward_slack: bool = False) -> d
     """The options for a program computing in ``dtype``: :data:`CPU_OPTIONS` for float32, and
     :data:`FORWARD_CPU_OPTIONS` when it propagates ``forward_slack``, each when this process's
     default backend accepts it, else none."""
-    options = dict(_accepted_cpu_options()) if jnp.dtype(dtype) == jnp.float32 else {}
+    options = _accepted(tuple(CPU_OPTIONS.items())) if jnp.dtype(dtype) == jnp.float32 else {}
     if forward_slack:
-        options.update(_accepted_forward_options())
-    return options
-
-
-def _accepted(options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` if the default backend is the CPU and its XLA accepts them, else none."""
-    if jax.default_backend() != "cpu":
-        return {}
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=options)(jnp.zeros((), jnp.float32)).block_until_ready()
-    except Exception:  # an XLA without the option: "No such compile option"
-        return {}
+        options = {**options, **_accepted(tuple(FORWARD_CPU_OPTIONS.items()))}
     return dict(options)
 
 
 @functools.cache
-def _accepted_cpu_options() -> dict[str, Any]:
-    return _accepted(CPU_OPTIONS)
-
-
-@functools.cache
-def _accepted_forward_options() -> dict[str, Any]:
-    return _accepted(FORWARD_CPU_OPTIONS)
+def _accepted(options: tuple) -> dict[str, Any]:
+    """``dict(options)`` (``(name, value)`` pairs) if the default backend is the CPU and its XLA accepts
+    them, else none; probed once per set of options."""
+    if jax.default_backend() != "cpu":
+        return {}
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(options))(jnp.zeros((), jnp.float32)).block_until_ready()
+    except Exception:  # an XLA without the option: "No such compile option"
+        return {}
+    return dict(options)
 
 
 def jit(fn: Callable, dtype: Any = jnp.float32, forward_slack: bool = False, **kwargs) -> Callable:

@@ -18,11 +18,9 @@ def _fused(a, b):
 @pytest.fixture
 def fresh_options(monkeypatch):
     """Forget the probed options before and after the test."""
-    for probe in (xla_options._accepted_cpu_options, xla_options._accepted_forward_options):
-        probe.cache_clear()
+    xla_options._accepted.cache_clear()
     yield monkeypatch
-    for probe in (xla_options._accepted_cpu_options, xla_options._accepted_forward_options):
-        probe.cache_clear()
+    xla_options._accepted.cache_clear()
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the options are XLA:CPU options")
@@ -52,7 +50,6 @@ def test_bounds_with_forward_slack_compile_without_the_fusion_emitters(fresh_opt
     # program is the reason; here: the same bound either way.
     ours = compile_bounds(lambda x: jnp.tanh(x @ w), ball, method="forward")(ball).output
     fresh_options.setattr(xla_options, "FORWARD_CPU_OPTIONS", {})
-    xla_options._accepted_forward_options.cache_clear()
     plain = compile_bounds(lambda x: jnp.tanh(x @ w), ball, method="forward")(ball).output
     np.testing.assert_allclose(ours.lower, plain.lower, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(ours.upper, plain.upper, rtol=1e-6, atol=1e-7)
@@ -76,7 +73,6 @@ def test_a_bound_compiled_with_the_options_is_unchanged(fresh_options):
     ball = lp_ball(jnp.linspace(-1.0, 1.0, 6), 0.05)
     ours = compile_bounds(f, ball, method="crown")(ball).output
     fresh_options.setattr(xla_options, "CPU_OPTIONS", {})
-    xla_options._accepted_cpu_options.cache_clear()
     plain = compile_bounds(f, ball, method="crown")(ball).output
     np.testing.assert_allclose(ours.lower, plain.lower, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(ours.upper, plain.upper, rtol=1e-6, atol=1e-7)

@@ -335,9 +335,14 @@ class BoundFunction:
         :func:`diverify.xla_options.compiler_options` compiles differently."""
         return INTERMEDIATE[self.method] == "forward"
 
+    def jit(self, fn):
+        """``fn`` (a function of this bound's input sets, e.g. :meth:`unchecked` or a wrapper of it)
+        jit-compiled with this bound's XLA options (:func:`diverify.xla_options.compiler_options`)."""
+        return xla_options.jit(fn, self.dtype, forward_slack=self.forward_slack)
+
     @functools.cached_property
     def _compiled(self):
-        return xla_options.jit(self.unchecked, self.dtype, forward_slack=self.forward_slack)
+        return self.jit(self.unchecked)
 
     @functools.cached_property
     def _executables(self) -> dict:
